@@ -42,9 +42,7 @@ TINY_NORM_STATS = {
 }
 
 
-def make_training_batch(
-    prompt_lengths: Sequence[int], num_images: int = 2, seed: int = 0
-) -> dict[str, torch.Tensor]:
+def make_training_batch(prompt_lengths: Sequence[int], num_images: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     """Fake batch in the training layout: prompt ids, 64 action ids, labels -100 except the last 65 real tokens.
 
     Prompts start with <|im_start|> and end with "\\n" like real ones; shorter rows are right-padded with

@@ -96,9 +96,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inputs(training_batch_factory: Callable[..., dict[str, torch.Tensor]]) -> dict:
     batch = training_batch_factory([12, 9], num_images=2, seed=3)
-    prompts = [
-        row[mask][:n].tolist() for row, mask, n in zip(batch["input_ids"], batch["attention_mask"], (12, 9))
-    ]
+    prompts = [row[mask][:n].tolist() for row, mask, n in zip(batch["input_ids"], batch["attention_mask"], (12, 9))]
     proprio = torch.rand((2, 8), generator=torch.Generator().manual_seed(4)) * 2 - 1
     return {**batch, "prompts": prompts, "proprio": proprio}
 
@@ -211,9 +209,7 @@ def test_hf_format_round_trip(tiny, reference, reference_outputs, inputs):
     vla = load_hf_vla(tiny.hf_dir)
     assert _state_equal(vla, reference.vla)
     vla.norm_stats = reference.vla.norm_stats
-    _assert_same_outputs(
-        _outputs(vla, reference.action_head, reference.proprio_projector, inputs), reference_outputs
-    )
+    _assert_same_outputs(_outputs(vla, reference.action_head, reference.proprio_projector, inputs), reference_outputs)
 
 
 def test_hf_format_missing_tensor_fails_naming_it(tiny, tmp_path):
@@ -301,9 +297,7 @@ def test_several_action_head_files_are_an_error_listing_them(tiny, tmp_path):
 
 
 def test_dataset_statistics_json_accepts_numpy(tmp_path):
-    stats = {
-        "d": {"action": {"q01": np.array([-1.0, 0.5]), "mask": np.array([True, False])}, "num_transitions": 3}
-    }
+    stats = {"d": {"action": {"q01": np.array([-1.0, 0.5]), "mask": np.array([True, False])}, "num_transitions": 3}}
     write_dataset_statistics(tmp_path, stats)
     assert read_dataset_statistics(tmp_path) == {
         "d": {"action": {"q01": [-1.0, 0.5], "mask": [True, False]}, "num_transitions": 3}
@@ -336,9 +330,7 @@ def test_base_round_trip_without_vision_keeps_the_vits(tiny, reference, referenc
     model.vision_backbone.load_state_dict(reference.vla.vision_backbone.state_dict())
     model.action_queries.load_state_dict(reference.vla.action_queries.state_dict())
     model.norm_stats = reference.vla.norm_stats
-    _assert_same_outputs(
-        _outputs(model, reference.action_head, reference.proprio_projector, inputs), reference_outputs
-    )
+    _assert_same_outputs(_outputs(model, reference.action_head, reference.proprio_projector, inputs), reference_outputs)
 
 
 def test_base_checkpoint_file_selection(tmp_path):

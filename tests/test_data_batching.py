@@ -177,9 +177,7 @@ def test_same_frame_same_tokens_regardless_of_order(prompt_tokenizer):
     # The 8 extra ids depend on the seed and on the key (56**-8 chance of a coincidental match per frame).
     other_seed = [FrameToExample(prompt_tokenizer, seed=6)(f)["input_ids"] for f in frames]
     assert not any(torch.equal(a[-8:], b[-8:]) for a, b in zip(forward, other_seed))
-    renamed = [
-        FrameToExample(prompt_tokenizer, seed=5)({**f, "sample_key": f["sample_key"] + "x"}) for f in frames
-    ]
+    renamed = [FrameToExample(prompt_tokenizer, seed=5)({**f, "sample_key": f["sample_key"] + "x"}) for f in frames]
     assert not any(torch.equal(a[-8:], b["input_ids"][-8:]) for a, b in zip(forward, renamed))
 
 
@@ -399,8 +397,7 @@ def test_rlds_frames_batch_like_the_torch_source(source, tmp_path_factory):
         matches = [
             ep
             for ep in torch_episodes.values()
-            if len(ep) == len(rlds_eps)
-            and np.allclose(np.stack([f["actions"] for f in ep]), rlds_actions, atol=1e-5)
+            if len(ep) == len(rlds_eps) and np.allclose(np.stack([f["actions"] for f in ep]), rlds_actions, atol=1e-5)
         ]
         assert len(matches) == 1
         for a, b in zip(rlds_eps, matches[0]):

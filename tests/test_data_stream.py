@@ -95,8 +95,7 @@ def test_sample_keys_identical_across_seeds_and_ranks(data_root):
     assert key_to_hash(seed1) == reference
     for world_size in (2, 3):
         parts = [
-            key_to_hash(frames(data_root, seed=5, rank=r, world_size=world_size, **one_pass))
-            for r in range(world_size)
+            key_to_hash(frames(data_root, seed=5, rank=r, world_size=world_size, **one_pass)) for r in range(world_size)
         ]
         assert all(parts), "every rank gets frames"
         for a, b in itertools.combinations(parts, 2):
@@ -113,9 +112,7 @@ def test_ordered_mode_yields_every_frame_once_in_fixed_order(data_root):
     assert keys == [f["sample_key"] for f in again]
     assert key_to_hash(first) == key_to_hash(again)
     lengths = Counter(k.split("/")[1] for k in keys)
-    assert sorted(lengths.values()) == sorted(
-        episode_length(SEED, i, MIN_LEN, MAX_LEN) for i in range(NUM_EPISODES)
-    )
+    assert sorted(lengths.values()) == sorted(episode_length(SEED, i, MIN_LEN, MAX_LEN) for i in range(NUM_EPISODES))
     parts = [[f["sample_key"] for f in frames(data_root, ordered=True, rank=r, world_size=2)] for r in range(2)]
     assert not set(parts[0]) & set(parts[1])
     assert sorted(parts[0] + parts[1]) == sorted(keys)
@@ -137,9 +134,7 @@ def test_heldout_split_is_disjoint_and_complete(data_root):
 
 def test_training_stream_is_deterministic_given_seed(data_root):
     def take(seed: int, n: int = 30) -> list[dict]:
-        it = make_frame_iterator(
-            data_root, NAME, train=True, seed=seed, shuffle_buffer_size=50, num_parallel_calls=1
-        )
+        it = make_frame_iterator(data_root, NAME, train=True, seed=seed, shuffle_buffer_size=50, num_parallel_calls=1)
         return list(itertools.islice(it, n))
 
     a, b, c = take(7), take(7), take(8)
@@ -175,9 +170,7 @@ def test_augmentation_off_is_identity_and_on_is_seeded(data_root):
         assert np.abs(a["image_primary"].astype(float) - ref["image_primary"]).mean() < 60
         assert np.array_equal(a["actions"], ref["actions"])
     # The two cameras of one frame get independent draws (same ops, different parameters).
-    diffs = [
-        np.abs(a["image_primary"].astype(float) - plain[a["sample_key"]]["image_primary"]).mean() for a in on1
-    ]
+    diffs = [np.abs(a["image_primary"].astype(float) - plain[a["sample_key"]]["image_primary"]).mean() for a in on1]
     assert len(set(np.round(diffs, 6))) > 1
 
 

@@ -434,9 +434,7 @@ def float64_unnormalize(normalized: np.ndarray, stats: dict) -> np.ndarray:
     return out
 
 
-def test_predict_action_batches_and_unnormalizes(
-    tiny_model, tiny_head, tiny_proprio_projector, training_batch_factory
-):
+def test_predict_action_batches_and_unnormalizes(tiny_model, tiny_head, tiny_proprio_projector, training_batch_factory):
     lengths = [14, 9, 11]
     batch = training_batch_factory(lengths)
     width = max(lengths)
@@ -457,9 +455,7 @@ def test_predict_action_batches_and_unnormalizes(
     assert isinstance(actions, np.ndarray)
     assert actions.shape == (3, 8, 7)
     assert normalized.shape == (3, 8, 7)
-    np.testing.assert_allclose(
-        actions, float64_unnormalize(normalized.double().numpy(), stats), rtol=0, atol=1e-12
-    )
+    np.testing.assert_allclose(actions, float64_unnormalize(normalized.double().numpy(), stats), rtol=0, atol=1e-12)
     assert not np.allclose(actions[..., :6], normalized[..., :6].numpy())  # statistics were applied
 
     for row, n in enumerate(lengths):

@@ -246,9 +246,7 @@ def test_cache_is_exact(tokenizer, instruction):
 def test_cache_eviction_keeps_results_exact(tokenizer):
     prompts = PromptTokenizer(tokenizer, max_cache_size=2)
     names = ["a", "b", "c", "a", "d", "b"]
-    assert [prompts.inference_ids(n) for n in names] == [
-        tokenizer(build_inference_prompt(n)).input_ids for n in names
-    ]
+    assert [prompts.inference_ids(n) for n in names] == [tokenizer(build_inference_prompt(n)).input_ids for n in names]
     assert len(prompts._prompt_cache) == 2
 
 

@@ -21,9 +21,7 @@ from prismatic.vla.datasets.synthetic_rlds import write_synthetic_rlds
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--data_root_dir", type=Path, required=True, help="folder that will hold <name>/<version>/"
-    )
+    parser.add_argument("--data_root_dir", type=Path, required=True, help="folder that will hold <name>/<version>/")
     parser.add_argument("--dataset_name", default="synthetic_libero_no_noops")
     parser.add_argument("--num_episodes", type=int, default=20)
     parser.add_argument("--min_len", type=int, default=20, help="shortest episode, in steps")

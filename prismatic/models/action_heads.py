@@ -161,9 +161,7 @@ class BridgeAttentionBlock(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.o_proj = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: torch.Tensor, task: torch.Tensor, adapter: torch.Tensor, rope: None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, task: torch.Tensor, adapter: torch.Tensor, rope: None = None) -> torch.Tensor:
         """x [B, C, D], task [B, P, D], adapter [B, A, D] -> [B, C, D]. No RoPE: `rope` must be None."""
         if rope is not None:
             raise ValueError("The original bridge-attention block uses no RoPE; got rope tables")

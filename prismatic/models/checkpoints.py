@@ -171,9 +171,7 @@ def _torch_load(path: Path) -> Any:
         except RuntimeError as err:
             if "mmap" not in str(err):
                 raise
-            return torch.load(
-                path, map_location="cpu", weights_only=True
-            )  # legacy (non-zip) files cannot be mapped
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files cannot be mapped
     except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
         raise CheckpointError(f"Cannot read checkpoint {path} (tensors and containers only): {err}") from err
 
@@ -253,9 +251,7 @@ def component_file_name(component: str, step_tag: str | None = None) -> str:
 def find_component_file(directory: str | Path, component: str) -> Path | None:
     """The single file of ``directory`` whose name contains ``component`` and "checkpoint" (upstream's rule)."""
     directory = Path(directory)
-    matches = sorted(
-        p for p in directory.iterdir() if p.is_file() and component in p.name and "checkpoint" in p.name
-    )
+    matches = sorted(p for p in directory.iterdir() if p.is_file() and component in p.name and "checkpoint" in p.name)
     if len(matches) > 1:
         raise CheckpointError(
             f"Several {component} checkpoint files in {directory}: {[p.name for p in matches]}; keep exactly one"
@@ -348,9 +344,7 @@ def read_prismatic_base_state_dict(checkpoint_path: str | Path) -> dict[str, dic
     checkpoint_path = Path(checkpoint_path)
     payload = _torch_load(checkpoint_path)
     if not isinstance(payload, Mapping) or "model" not in payload:
-        raise CheckpointError(
-            f"{checkpoint_path} has no 'model' entry (a Prismatic training checkpoint is expected)"
-        )
+        raise CheckpointError(f"{checkpoint_path} has no 'model' entry (a Prismatic training checkpoint is expected)")
     groups = payload["model"]
     missing = [g for g in BASE_REQUIRED_GROUPS if g not in groups]
     unknown = [g for g in groups if g not in BASE_REQUIRED_GROUPS + BASE_OPTIONAL_GROUPS]

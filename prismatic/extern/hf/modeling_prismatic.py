@@ -148,8 +148,7 @@ class PrismaticVisionBackbone(nn.Module):
         channels = pixel_values.shape[1]
         if pixel_values.ndim != 4 or channels % self.channels_per_image:
             raise ValueError(
-                f"pixel_values must be [B, {self.channels_per_image} * n_images, H, W], "
-                f"got {tuple(pixel_values.shape)}"
+                f"pixel_values must be [B, {self.channels_per_image} * n_images, H, W], got {tuple(pixel_values.shape)}"
             )
         return channels // self.channels_per_image
 
@@ -331,9 +330,7 @@ class PrismaticForConditionalGeneration(PrismaticPreTrainedModel):
         """Shifted CE on the text labels; patches are never targets."""
         ignore = labels.new_full((labels.shape[0], num_patches), IGNORE_INDEX)
         full = torch.cat([labels[:, :1], ignore, labels[:, 1:]], dim=1)  # [B, P+T]
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), full[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-        )
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), full[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
     @staticmethod
     def _craft_features(
@@ -428,9 +425,7 @@ class OpenVLAForActionPrediction(PrismaticForConditionalGeneration):
         stats = self.norm_stats or {}
         if unnorm_key is None:
             if len(stats) != 1:
-                raise ValueError(
-                    f"unnorm_key is required when norm_stats holds {len(stats)} datasets: {sorted(stats)}"
-                )
+                raise ValueError(f"unnorm_key is required when norm_stats holds {len(stats)} datasets: {sorted(stats)}")
             unnorm_key = next(iter(stats))
         if unnorm_key not in stats:
             raise ValueError(f"unnorm_key {unnorm_key!r} is not in norm_stats; available: {sorted(stats)}")

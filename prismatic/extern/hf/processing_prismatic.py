@@ -68,17 +68,14 @@ def normalize_uint8_images(
     """
     if images.dtype != torch.uint8 or images.ndim < 3 or images.shape[-1] != 3:
         raise ValueError(
-            "Expected uint8 images [..., n_images, H, W, 3] or [H, W, 3], "
-            f"got {images.dtype} {tuple(images.shape)}"
+            f"Expected uint8 images [..., n_images, H, W, 3] or [H, W, 3], got {images.dtype} {tuple(images.shape)}"
         )
     if images.ndim == 3:
         images = images.unsqueeze(0)  # [1, H, W, 3]
     scale, bias = _affine_constants(means, stds, images.device)  # [n_branches, 3, 1, 1] each
     *lead, n_images, height, width, _ = images.shape
     channels_first = images.movedim(-1, -3).unsqueeze(-4)  # [..., n, 1, 3, H, W]
-    out = torch.empty(
-        (*lead, n_images, scale.shape[0], 3, height, width), dtype=torch.float32, device=images.device
-    )
+    out = torch.empty((*lead, n_images, scale.shape[0], 3, height, width), dtype=torch.float32, device=images.device)
     torch.mul(channels_first, scale, out=out)  # [..., n, n_branches, 3, H, W]
     out.add_(bias)
     return out.view(*lead, n_images * scale.shape[0] * 3, height, width)

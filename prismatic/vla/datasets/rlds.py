@@ -253,8 +253,7 @@ def _nesting_hints(root: Path, dataset_name: str) -> list[str]:
         )
     elif any(root.glob("*/dataset_info.json")):
         hints.append(
-            f"data_root_dir points at a dataset folder; "
-            f"pass data_root_dir={root.parent} and dataset_name={root.name!r}"
+            f"data_root_dir points at a dataset folder; pass data_root_dir={root.parent} and dataset_name={root.name!r}"
         )
     if root.is_dir():
         for sub in sorted(p for p in root.iterdir() if p.is_dir()):

@@ -55,9 +55,7 @@ def array_statistics(x: np.ndarray) -> dict[str, list[float]]:
     return {k: [float(v) for v in values[k]] for k in STAT_KEYS}
 
 
-def compute_statistics(
-    trajectories: Iterable[Mapping[str, np.ndarray]], action_mask: Sequence[bool]
-) -> dict[str, Any]:
+def compute_statistics(trajectories: Iterable[Mapping[str, np.ndarray]], action_mask: Sequence[bool]) -> dict[str, Any]:
     """One dataset_statistics entry from trajectories holding "action" [L, A] and "proprio" [L, P] arrays."""
     actions, proprios = [], []
     for traj in trajectories:

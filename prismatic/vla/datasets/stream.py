@@ -196,9 +196,7 @@ def encoded_frames(opened: OpenedDataset, stats: Mapping[str, Any], cfg: StreamC
     return trajs.unbatch()
 
 
-def _mixture_weights(
-    components: tuple[tuple[str, float], ...], stats: Mapping[str, Mapping[str, Any]]
-) -> list[float]:
+def _mixture_weights(components: tuple[tuple[str, float], ...], stats: Mapping[str, Mapping[str, Any]]) -> list[float]:
     raw = [w * stats[name]["num_transitions"] for name, w in components]
     total = float(sum(raw))
     if total <= 0:
