@@ -1,0 +1,270 @@
+"""Checkpoints in the VLA-Adapter release layout (FORMAT section 6) plus an exact-resume training state.
+
+A checkpoint dir ``<run_dir>/<run_id>--<step>_chkpt/`` (or the run dir itself with ``--save_latest_checkpoint_only``,
+where ``<step>`` reads ``latest``) holds::
+
+    dataset_statistics.json                 preprocessor/processor configs + tokenizer files
+    lora_adapter/                           (LoRA)  adapter_config.json, adapter_model.safetensors
+    config.json, model.safetensors          (full fine-tuning, or a merged model with --merge_lora_during_training)
+    action_head--<step>_checkpoint.pt       proprio_projector--<step>_checkpoint.pt   ("module."-prefixed keys)
+    action_queries--<step>_checkpoint.pt    (ours: trained action queries, lost upstream unless merged)
+    training_state/state.pt                 optimizer, scheduler, step, CRaFT dual state, data position, config
+
+Writes are atomic: everything goes to a temp dir on the same file system, then is renamed into place; the
+training state goes last, so a checkpoint without it is incomplete and is never resumed from. Only rank 0
+writes; the other ranks wait at a barrier. RNG states are not needed: each step re-seeds from (seed, step,
+rank), see ``Trainer.step``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from prismatic.extern.hf.processing_prismatic import PrismaticProcessor
+from prismatic.models.checkpoints import (
+    find_component_file,
+    load_action_queries,
+    load_component_state_dict,
+    save_policy_components,
+    write_dataset_statistics,
+)
+from prismatic.training.distributed import DistributedContext
+from prismatic.training.trainer import PolicyModules
+
+STATE_DIR = "training_state"
+STATE_FILE = "state.pt"
+LORA_DIR = "lora_adapter"
+
+
+def checkpoint_dir(run_dir: Path, run_id: str, step: int, latest_only: bool) -> Path:
+    return run_dir if latest_only else run_dir / f"{run_id}--{step}_chkpt"
+
+
+def step_tag(step: int, latest_only: bool) -> str:
+    return "latest" if latest_only else str(step)
+
+
+# ------------------------------------------------------------------------------------------- merge -------
+@torch.no_grad()
+def merged_state_dict(peft_vla: PeftModel, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The VLA's state dict with every LoRA delta folded in, computed one layer at a time.
+
+    Needs no second model copy on the accelerator: each merged weight is formed on ``device`` (CPU by
+    default) from the base weight and its adapter, then kept there. The tied LM head is left out, as HF does.
+    """
+    base = peft_vla.get_base_model()
+    merged: dict[str, torch.Tensor] = {}
+    lora_layers = {}
+    for name, module in base.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer") and module.active_adapters:
+            lora_layers[name] = module
+    for name, tensor in base.state_dict().items():
+        if ".lora_" in name:
+            continue
+        merged[name.replace(".base_layer.", ".")] = tensor.detach().to(device, copy=True)
+    for name, module in lora_layers.items():
+        weight_key = f"{name}.weight"
+        w = merged[weight_key].float()
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            a = module.lora_A[adapter].weight.detach().to(device).float()
+            b = module.lora_B[adapter].weight.detach().to(device).float()
+            scale = module.scaling[adapter]
+            if w.dim() == 4:  # Conv2d: A is a conv with the base kernel, B a 1x1 conv
+                delta = (b.flatten(1) @ a.flatten(1)).view_as(w)
+            else:
+                delta = b @ a
+            w = w + scale * delta
+        merged[weight_key] = w.to(merged[weight_key].dtype)
+    tied = base.config.text_config.tie_word_embeddings
+    if tied:
+        merged.pop("language_model.lm_head.weight", None)
+    return merged
+
+
+def save_merged_model(peft_vla: PeftModel, dst: Path) -> None:
+    """Write config.json, generation_config.json and a merged model.safetensors into ``dst``."""
+    base = peft_vla.get_base_model()
+    state = {k: v.contiguous() for k, v in merged_state_dict(peft_vla).items()}
+    base.config.save_pretrained(dst)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(dst)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+
+
+# -------------------------------------------------------------------------------------------- save --------
+class CheckpointManager:
+    """Decides when to save, writes atomically, and finds/loads checkpoints for ``--resume``."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        run_id: str,
+        ctx: DistributedContext,
+        *,
+        save_freq: int,
+        latest_only: bool,
+        merge_lora: bool,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_id = run_id
+        self.ctx = ctx
+        self.save_freq = save_freq
+        self.latest_only = latest_only
+        self.merge_lora = merge_lora
+
+    def should_save(self, step: int, max_steps: int) -> bool:
+        """``step`` counts completed optimizer steps; save at the interval and at the very end."""
+        return step % self.save_freq == 0 or step == max_steps
+
+    def save(
+        self,
+        step: int,
+        modules: PolicyModules,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        *,
+        dataset_statistics: dict,
+        extra_state: dict[str, Any],
+    ) -> Path:
+        final = checkpoint_dir(self.run_dir, self.run_id, step, self.latest_only)
+        if self.ctx.is_main:
+            tmp = self.run_dir / f".tmp-{step}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self._write_release_files(tmp, step, modules, dataset_statistics)
+            state = {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "world_size": self.ctx.world_size,
+                **extra_state,
+            }
+            (tmp / STATE_DIR).mkdir()
+            torch.save(state, tmp / STATE_DIR / STATE_FILE)
+            self._publish(tmp, final)
+        self.ctx.barrier()
+        return final
+
+    def _write_release_files(self, dst: Path, step: int, modules: PolicyModules, stats: dict) -> None:
+        tag = step_tag(step, self.latest_only)
+        write_dataset_statistics(dst, stats)
+        PrismaticProcessor.default().save_pretrained(dst)
+        vla = modules.vla
+        if isinstance(vla, PeftModel):
+            vla.save_pretrained(dst / LORA_DIR)
+            base = vla.get_base_model()
+            if self.merge_lora:
+                save_merged_model(vla, dst)
+        else:
+            base = vla
+            vla.save_pretrained(dst, safe_serialization=True)
+        save_policy_components(
+            dst,
+            tag,
+            action_head=modules.action_head,
+            proprio_projector=modules.proprio_projector,
+            action_queries=base.action_queries.weight.detach(),
+        )
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Move the finished temp dir into place; the training state moves last."""
+        if not self.latest_only:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            return
+        final.mkdir(parents=True, exist_ok=True)
+        old_state = final / STATE_DIR
+        if old_state.exists():  # invalidate first: a crash mid-publish leaves no resumable half-checkpoint
+            shutil.rmtree(old_state)
+        for entry in sorted(tmp.iterdir(), key=lambda p: p.name == STATE_DIR):
+            target = final / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        tmp.rmdir()
+
+    # ------------------------------------------------------------------------------------- resume -------
+    def find(self, resume_step: int | None) -> Path:
+        """The checkpoint dir to resume from: the given step, or the newest complete one."""
+        candidates: dict[int, Path] = {}
+        pattern = re.compile(re.escape(self.run_id) + r"--(\d+)_chkpt$")
+        if self.run_dir.exists():
+            for d in self.run_dir.iterdir():
+                m = pattern.match(d.name)
+                if m and (d / STATE_DIR / STATE_FILE).exists():
+                    candidates[int(m.group(1))] = d
+        latest_state = self.run_dir / STATE_DIR / STATE_FILE
+        if latest_state.exists():
+            step = int(torch.load(latest_state, map_location="cpu", weights_only=False)["step"])
+            candidates.setdefault(step, self.run_dir)
+        if not candidates:
+            raise FileNotFoundError(
+                f"--resume: no complete checkpoint (with {STATE_DIR}/{STATE_FILE}) for run id {self.run_id!r} "
+                f"in {self.run_dir}"
+            )
+        if resume_step is None:
+            return candidates[max(candidates)]
+        if resume_step not in candidates:
+            raise FileNotFoundError(
+                f"--resume_step {resume_step}: no such checkpoint in {self.run_dir}; found steps {sorted(candidates)}"
+            )
+        return candidates[resume_step]
+
+    def load(
+        self, ckpt: Path, modules: PolicyModules, optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> dict[str, Any]:
+        """Restore weights, optimizer and scheduler from ``ckpt``; returns the training-state dict."""
+        state = torch.load(ckpt / STATE_DIR / STATE_FILE, map_location="cpu", weights_only=False)
+        vla = modules.vla
+        device = next(modules.action_head.parameters()).device
+        if isinstance(vla, PeftModel):
+            adapter = load_file(str(ckpt / LORA_DIR / "adapter_model.safetensors"), device=str(device))
+            result = set_peft_model_state_dict(vla, adapter)
+            unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
+            if unexpected:
+                raise ValueError(f"adapter in {ckpt} has keys the model lacks: {unexpected[:5]}")
+            base = vla.get_base_model()
+        else:
+            base = vla
+            weights = load_file(str(ckpt / "model.safetensors"), device=str(device))
+            missing, unexpected = base.load_state_dict(weights, strict=False)
+            missing = [k for k in missing if k != "language_model.lm_head.weight"]
+            if missing or unexpected:
+                raise ValueError(f"{ckpt}/model.safetensors: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        _load_component(ckpt, "action_head", modules.action_head)
+        if modules.proprio_projector is not None:
+            _load_component(ckpt, "proprio_projector", modules.proprio_projector)
+        load_action_queries(_component_path(ckpt, "action_queries"), base)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        return state
+
+
+def _component_path(ckpt: Path, name: str) -> Path:
+    path = find_component_file(ckpt, name)
+    if path is None:
+        raise FileNotFoundError(f"checkpoint {ckpt} has no {name}--*checkpoint.pt; it cannot be resumed from")
+    return path
+
+
+def _load_component(ckpt: Path, name: str, module: nn.Module) -> None:
+    module.load_state_dict(load_component_state_dict(_component_path(ckpt, name)), strict=True)
+
+
+def save_run_config(run_dir: Path, config: dict) -> None:
+    """Write the run's flags as JSON next to the checkpoints (rank 0 calls this)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "finetune_config.json").write_text(json.dumps(config, indent=2, default=str))

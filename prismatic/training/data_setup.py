@@ -1,0 +1,138 @@
+"""Training data for ``finetune.py``: per-step lists of micro-batches from RLDS or the torch-only source.
+
+* ``--data_source rlds``: the tf.data RLDS stream (shuffled, augmented, one distinct stream per rank).
+  Resuming re-seeds the stream from (seed, step); tf.data's shuffle-buffer state is not checkpointed, so the
+  data order after a resume is a fresh, deterministic one rather than the continuation of the old one.
+* ``--data_source synthetic``: the deterministic in-memory synthetic task. One seeded global order is
+  sliced per rank and per micro-batch, so 1 process x batch 4, 2 ranks x batch 2 and 2 micro-batches x 2
+  see the same examples in each optimizer step, and a resume continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from prismatic.training.distributed import DistributedContext
+from prismatic.vla.constants import PlatformConstants
+
+HELDOUT_FRACTION = 0.05  # share of episodes held out for validation when --val_freq > 0
+
+
+@dataclass
+class TrainingData:
+    dataset_name: str
+    num_images: int
+    dataset_statistics: dict[str, Any]  # dataset_statistics.json content: {name: {"action": ..., ...}}
+    train_steps: Callable[[int], Iterator[list[dict]]]  # start step -> per-step lists of micro-batches
+    val_batches: Callable[[], list[dict]]  # held-out batches for one validation pass
+
+
+def _group_steps(micro_batches: Iterator[dict], accumulation: int) -> Iterator[list[dict]]:
+    while True:
+        group = list(itertools.islice(micro_batches, accumulation))
+        if len(group) < accumulation:
+            return
+        yield group
+
+
+def build_training_data(cfg: Any, ctx: DistributedContext, platform: PlatformConstants) -> TrainingData:
+    """The data a ``FinetuneConfig`` asks for (``platform`` fixes chunk/action/proprio sizes)."""
+    del platform  # the LIBERO restructuring and the synthetic task both produce LIBERO shapes
+    if cfg.data_source == "synthetic":
+        return _synthetic_data(cfg, ctx)
+    return _rlds_data(cfg, ctx)
+
+
+def _synthetic_data(cfg: Any, ctx: DistributedContext) -> TrainingData:
+    from prismatic.vla.datasets.torch_source import SyntheticTorchSource, iterate_global_batches
+
+    source = SyntheticTorchSource(
+        num_episodes=cfg.synthetic_num_episodes,
+        seed=cfg.seed,
+        dataset_name=cfg.dataset_name,
+        num_images=cfg.num_images_in_input,
+    )
+    held_out = SyntheticTorchSource(
+        num_episodes=max(2, cfg.synthetic_num_episodes // 8),
+        seed=cfg.seed + 10_007,  # other episodes of the same task
+        dataset_name=cfg.dataset_name,
+        num_images=cfg.num_images_in_input,
+        prompt_tokenizer=source.transform.prompt_tokenizer,
+        statistics=source.dataset_statistics()[cfg.dataset_name],  # normalize as at deployment
+    )
+
+    def train_steps(start_step: int) -> Iterator[list[dict]]:
+        accumulation = cfg.grad_accumulation_steps
+        batches = iterate_global_batches(
+            source,
+            cfg.batch_size,
+            world_size=ctx.world_size,
+            rank=ctx.rank,
+            seed=cfg.seed,
+            num_epochs=None,
+            skip_steps=start_step * accumulation,
+        )
+        return _group_steps(batches, accumulation)
+
+    def val_batches() -> list[dict]:
+        it = iterate_global_batches(held_out, cfg.batch_size, world_size=ctx.world_size, rank=ctx.rank, seed=0)
+        return list(itertools.islice(it, cfg.val_batches))
+
+    return TrainingData(
+        cfg.dataset_name, cfg.num_images_in_input, source.dataset_statistics(), train_steps, val_batches
+    )
+
+
+def _rlds_data(cfg: Any, ctx: DistributedContext) -> TrainingData:
+    from prismatic.vla.datasets.batching import FrameToExample, PaddedCollator, RLDSIterableDataset
+    from prismatic.vla.datasets.statistics import dataset_statistics
+    from prismatic.vla.datasets.stream import make_frame_iterator
+    from prismatic.vla.prompting import PromptTokenizer
+    from prismatic.vla.tokenizer import load_qwen_tokenizer
+
+    # Rank 0 computes (or reads) the cached statistics first; the others then read the cache.
+    stats = dataset_statistics(cfg.data_root_dir, cfg.dataset_name) if ctx.is_main else None
+    ctx.barrier()
+    if stats is None:
+        stats = dataset_statistics(cfg.data_root_dir, cfg.dataset_name)
+    transform = FrameToExample(
+        PromptTokenizer(load_qwen_tokenizer()), num_images=cfg.num_images_in_input, seed=cfg.seed
+    )
+    collator = PaddedCollator()
+    heldout = HELDOUT_FRACTION if cfg.val_freq > 0 else 0.0
+    pin = ctx.device.type == "cuda"
+
+    def frames(subset: str, seed: int, train: bool) -> Callable[[], Iterator[dict]]:
+        return lambda: make_frame_iterator(
+            cfg.data_root_dir,
+            cfg.dataset_name,
+            train=train,
+            seed=seed,
+            shuffle_buffer_size=cfg.shuffle_buffer_size,
+            image_aug=cfg.image_aug and train,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            heldout_fraction=heldout,
+            subset=subset,
+            statistics=stats,
+        )
+
+    def loader(factory: Callable[[], Iterator[dict]]) -> torch.utils.data.DataLoader:
+        dataset = RLDSIterableDataset(factory, transform)
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.batch_size, collate_fn=collator, num_workers=0, pin_memory=pin
+        )
+
+    def train_steps(start_step: int) -> Iterator[list[dict]]:
+        seed = cfg.seed if start_step == 0 else cfg.seed * 1_000_003 + start_step
+        return _group_steps(iter(loader(frames("train", seed, train=True))), cfg.grad_accumulation_steps)
+
+    def val_batches() -> list[dict]:
+        return list(itertools.islice(iter(loader(frames("heldout", 0, train=False))), cfg.val_batches))
+
+    return TrainingData(cfg.dataset_name, cfg.num_images_in_input, stats, train_steps, val_batches)

@@ -1,0 +1,173 @@
+"""Process-group set-up and explicit gradient synchronization.
+
+We do not wrap the model in ``DistributedDataParallel``. Instead every trainable parameter (the VLA's LoRA
+weights, ``action_queries``, the action head and the proprio projector alike) is registered with one
+:class:`GradientSynchronizer`, which all-reduces the flattened gradients once per optimizer step, after the
+last micro-batch. Why:
+
+* accumulation needs no ``no_sync`` bookkeeping: micro-batches only accumulate locally;
+* CRaFT needs ``g_act`` and ``g_ret`` *both* averaged over ranks before it projects; with an explicit
+  synchronizer both go through one collective, and no second backward escapes the all-reduce;
+* upstream's bug (head and projector called through ``.module`` so their gradients were never reduced)
+  cannot happen: synchronization is by parameter list, not by module wrapper.
+
+The cost is that communication does not overlap the backward pass; see docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits in the job. ``world_size == 1`` means no process group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+
+def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistributedContext:
+    """Join the ``torchrun`` process group if one is described by the environment.
+
+    ``device``: "auto" (CUDA if available, else CPU), "cuda" or "cpu". NCCL is used on CUDA, gloo on CPU.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' was requested but CUDA is not available")
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+    elif device == "cpu":
+        torch_device = torch.device("cpu")
+    else:
+        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        kwargs = {"device_id": torch_device} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+def shutdown_distributed(ctx: DistributedContext) -> None:
+    """End the process group cleanly: a barrier first, since gloo can abort when a peer exits early."""
+    if ctx.is_distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def abort_distributed(ctx: DistributedContext) -> None:
+    """Tear the process group down after an error, without a barrier that failed peers would never reach."""
+    if ctx.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_parameters(params: Sequence[torch.nn.Parameter], ctx: DistributedContext) -> None:
+    """Make every rank start from rank 0's values (what DDP does at construction)."""
+    if not ctx.is_distributed or not params:
+        return
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    dist.broadcast(flat, src=0)
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            p.copy_(flat[offset : offset + n].view_as(p))
+            offset += n
+
+
+def all_reduce_mean(tensor: torch.Tensor, ctx: DistributedContext) -> torch.Tensor:
+    """Average a tensor over ranks in place (no-op for one process) and return it."""
+    if ctx.is_distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(ctx.world_size)
+    return tensor
+
+
+class GradientSynchronizer:
+    """Owns the gradients of a fixed list of fp32 parameters as views into flat buffers.
+
+    Each registered parameter's ``.grad`` is a view into one flat fp32 buffer, so autograd accumulates
+    micro-batches in place and a step's all-reduce is a single collective over one contiguous tensor, with
+    no flatten/unflatten copies. CRaFT binds a second buffer for ``g_ret`` (``bind``) and reduces both
+    buffers in one call. Call :meth:`zero_grad` instead of ``optimizer.zero_grad()`` (which would set the
+    views to ``None`` and detach them from the buffer).
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], ctx: DistributedContext) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        bad = [tuple(p.shape) for p in self.params if p.dtype != torch.float32]
+        if bad:
+            raise TypeError(f"trainable parameters must be fp32 (autocast handles bf16 compute); got {bad[:3]}")
+        devices = {p.device for p in self.params}
+        if len(devices) > 1:
+            raise ValueError(f"trainable parameters live on several devices: {devices}")
+        self.ctx = ctx
+        self.device = next(iter(devices)) if devices else ctx.device
+        self.numel = sum(p.numel() for p in self.params)
+        self.offsets = [0]
+        for p in self.params:
+            self.offsets.append(self.offsets[-1] + p.numel())
+        self.grad_buffer = self.new_buffer()
+        self.bind(self.grad_buffer)
+
+    def new_buffer(self) -> torch.Tensor:
+        """A zeroed flat fp32 buffer with one slot per registered parameter element."""
+        return torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+
+    def bind(self, buffer: torch.Tensor) -> None:
+        """Point every parameter's ``.grad`` at its slice of ``buffer``; backward then accumulates there."""
+        if buffer.numel() != self.numel:
+            raise ValueError(f"buffer has {buffer.numel()} elements, expected {self.numel}")
+        for p, lo, hi in zip(self.params, self.offsets[:-1], self.offsets[1:]):
+            p.grad = buffer[lo:hi].view_as(p)
+
+    def zero_grad(self) -> None:
+        self.grad_buffer.zero_()
+        self.bind(self.grad_buffer)
+
+    def segment_sizes(self) -> list[int]:
+        """Number of elements of each registered parameter, in buffer order."""
+        return [hi - lo for lo, hi in zip(self.offsets[:-1], self.offsets[1:])]
+
+    def all_reduce(self, *buffers: torch.Tensor) -> None:
+        """Average flat fp32 buffers over ranks, in place, with one collective (no-op for one process)."""
+        if not self.ctx.is_distributed or not buffers:
+            return
+        if len(buffers) == 1:
+            all_reduce_mean(buffers[0], self.ctx)
+            return
+        joined = torch.cat([b.reshape(-1) for b in buffers])
+        all_reduce_mean(joined, self.ctx)
+        offset = 0
+        for b in buffers:
+            b.copy_(joined[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+    def sync_grads(self, *extra: torch.Tensor) -> None:
+        """All-reduce the gradient buffer (and ``extra`` buffers, e.g. g_ret or a loss vector) in place."""
+        self.all_reduce(self.grad_buffer, *extra)

@@ -1,0 +1,126 @@
+"""``FinetuneConfig``: every flag of ``vla-scripts/finetune.py``.
+
+Flag names follow upstream VLA-Adapter's ``finetune.py`` so existing launch scripts keep working; the few
+additions (``--seed``, ``--wandb_mode``, ``--action_head_noise_std``, ``--data_source``, validation and the
+``--craft_*`` family) are documented where they are declared. Checked in ``__post_init__`` so a bad
+combination fails before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from prismatic.training.craft_utils import CRaFTConfig
+
+DATA_SOURCES = ("rlds", "synthetic")
+
+
+def _craft_flags() -> type:
+    """A dataclass with one ``craft_<field>`` flag per ``CRaFTConfig`` field, with the same type and default.
+
+    Deriving the flags from ``CRaFTConfig`` keeps one source of truth for CRaFT's names and defaults.
+    """
+    fields = []
+    for f in dataclasses.fields(CRaFTConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        fields.append((f"craft_{f.name}", f.type, dataclasses.field(default=default)))
+    flags = dataclasses.make_dataclass("CraftFlags", fields)
+    flags.__module__ = __name__
+    return flags
+
+
+CraftFlags = _craft_flags()
+
+
+@dataclass
+class FinetuneConfig(CraftFlags):
+    # fmt: off
+    # --- Start point ---------------------------------------------------------------------------------------
+    vlm_path: str = ""                      # Prismatic base-VLM run dir (with --use_minivlm True), an HF model
+                                            # dir, or a VLA-Adapter release dir (action_head--*.pt inside)
+    config_file_path: str = ""              # dir holding config.json for --use_minivlm (the HF model config)
+    use_minivlm: bool = False               # start from a Prismatic base-VLM run dir (upstream's default path)
+
+    # --- Data ----------------------------------------------------------------------------------------------
+    data_source: str = "rlds"               # "rlds" (TFDS RLDS datasets) or "synthetic" (torch-only source)
+    data_root_dir: str = "datasets/rlds"    # RLDS root: <data_root_dir>/<dataset_name>/<version>/
+    dataset_name: str = "libero_spatial_no_noops"
+    shuffle_buffer_size: int = 100_000      # encoded frames held for shuffling (see docs/DATA.md for RAM)
+    image_aug: bool = True                  # random-resized-crop + color jitter on training frames
+    num_images_in_input: int = 2            # 1 = third-person only, 2 = + wrist camera
+    use_proprio: bool = True                # feed proprio to the action head through the ProprioProjector
+    synthetic_num_episodes: int = 32        # --data_source synthetic: episodes rendered in memory
+    val_freq: int = 0                       # validation L1 on held-out episodes every N steps (0 = off)
+    val_batches: int = 4                    # batches per validation pass
+
+    # --- Run directory and logging -------------------------------------------------------------------------
+    run_root_dir: str = "runs"
+    run_id_note: str = ""                   # appended to the generated run id
+    run_id_override: str = ""               # use this run id verbatim
+    wandb_entity: str = ""
+    wandb_project: str = "vla-adapter-craft"
+    wandb_mode: str = "disabled"            # online | offline | disabled (offline/disabled need no network)
+    wandb_log_freq: int = 10
+    show_progress: bool = True              # tqdm bar on rank 0
+
+    # --- Optimization --------------------------------------------------------------------------------------
+    batch_size: int = 8                     # per-process micro-batch size
+    grad_accumulation_steps: int = 1
+    learning_rate: float = 5e-4
+    lr_warmup_steps: int = 0                # linear warm-up over this many optimizer steps
+    num_steps_before_decay: int = 100_000   # LR x0.1 from this optimizer step on
+    max_steps: int = 200_000                # optimizer steps
+    max_grad_norm: float = 0.0              # clip the global grad norm (0 = off, upstream default)
+    seed: int = 7
+    action_head_noise_std: float = 0.0      # upstream trains with N(0, 0.02) input noise in the head; 0 = off
+    device: str = "auto"                    # auto | cuda | cpu
+
+    # --- Model options -------------------------------------------------------------------------------------
+    use_lora: bool = True
+    lora_rank: int = 64
+    lora_dropout: float = 0.0
+    merge_lora_during_training: bool = False  # also write a merged model.safetensors at each save
+    use_pro_version: bool = True            # Pro action-head block (else the original block)
+
+    # --- Checkpointing -------------------------------------------------------------------------------------
+    save_freq: int = 10_000                 # optimizer steps between checkpoints (always also at max_steps)
+    save_latest_checkpoint_only: bool = False
+    resume: bool = False
+    resume_step: int | None = None          # step to resume from (default: the latest checkpoint in run dir)
+
+    # --- CRaFT (plus one --craft_<name> flag per CRaFTConfig field, inherited from CraftFlags) --------------
+    use_craft: bool = False
+    # fmt: on
+
+    def __post_init__(self) -> None:
+        if self.data_source not in DATA_SOURCES:
+            raise ValueError(f"--data_source must be one of {DATA_SOURCES}, got {self.data_source!r}")
+        if self.num_images_in_input not in (1, 2):
+            raise ValueError(f"--num_images_in_input must be 1 or 2, got {self.num_images_in_input}")
+        for name in ("batch_size", "grad_accumulation_steps", "max_steps", "save_freq"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr_warmup_steps < 0 or self.action_head_noise_std < 0 or self.lora_dropout < 0:
+            raise ValueError("--lr_warmup_steps, --action_head_noise_std and --lora_dropout must be >= 0")
+        if self.wandb_mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"--wandb_mode must be online, offline or disabled, got {self.wandb_mode!r}")
+        if not self.vlm_path:
+            raise ValueError("--vlm_path is required (a Prismatic run dir, an HF model dir or a release dir)")
+        if not Path(self.vlm_path).exists():
+            raise FileNotFoundError(f"--vlm_path {self.vlm_path!r} does not exist")
+        if self.use_minivlm and not self.config_file_path:
+            raise ValueError("--use_minivlm True needs --config_file_path (a dir with the HF config.json)")
+        if self.use_craft:
+            self.craft_config()  # validates the --craft_* values
+            if self.craft_anchor_source == "online" and not self.use_lora:
+                raise ValueError(
+                    "--craft_anchor_source online needs --use_lora True (the anchor is the model with its "
+                    "adapters disabled); with full fine-tuning build a cache with build_craft_cache.py"
+                )
+
+    def craft_config(self) -> CRaFTConfig:
+        """The ``CRaFTConfig`` described by the ``--craft_*`` flags."""
+        values = {f.name: getattr(self, f"craft_{f.name}") for f in dataclasses.fields(CRaFTConfig)}
+        return CRaFTConfig(**values)

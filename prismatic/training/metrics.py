@@ -1,0 +1,108 @@
+"""Per-step metrics: ``metrics.jsonl`` in the run dir, a tqdm bar, and wandb in any of its three modes.
+
+Only rank 0 writes. Values arrive already averaged over micro-batches and ranks (the trainer reduces them
+in the same collective as the gradients), so every rank could log the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+PROGRESS_KEYS = ("loss", "l1_current", "lr", "craft/retention_loss", "craft/lambda")
+
+
+def _plain(value: Any) -> Any:
+    """Turn tensors and numpy scalars into JSON-friendly Python numbers."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    """One line per optimizer step in ``metrics.jsonl``; tqdm on rank 0; optional wandb."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        is_main: bool,
+        total_steps: int,
+        start_step: int = 0,
+        wandb_mode: str = "disabled",
+        wandb_project: str = "",
+        wandb_entity: str | None = None,
+        run_id: str = "",
+        wandb_log_freq: int = 1,
+        config: dict | None = None,
+        resume: bool = False,
+        show_progress: bool = True,
+    ) -> None:
+        self.is_main = is_main
+        self.wandb_log_freq = max(1, wandb_log_freq)
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._wandb = None
+        self._bar = None
+        if not is_main:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume and self.path.exists():
+            self._truncate_after(start_step)
+        elif not resume:
+            self.path.write_text("")
+        if show_progress:
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        if wandb_mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"wandb_mode must be online, offline or disabled, got {wandb_mode!r}")
+        if wandb_mode != "disabled":
+            import wandb  # lazy: wandb is heavy and optional for tests
+
+            self._wandb = wandb.init(
+                project=wandb_project or "vla-adapter-craft",
+                entity=wandb_entity or None,
+                name=run_id,
+                id=run_id.replace("/", "_")[:120] if run_id else None,
+                dir=str(run_dir),
+                mode=wandb_mode,
+                config=config or {},
+                resume="allow",
+            )
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (they will be produced again)."""
+        kept = []
+        for line in self.path.read_text().splitlines():
+            if line.strip() and json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        self.path.write_text("".join(k + "\n" for k in kept))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record the metrics of optimizer step ``step`` (1-based count of completed updates)."""
+        if not self.is_main:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._bar is not None:
+            self._bar.update(1)
+            shown = {k: v for k, v in row.items() if k in ("loss", "l1_current", "lr", "craft/L_ret", "craft/lambda")}
+            self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in shown.items() if isinstance(v, float)})
+        if self._wandb is not None and step % self.wandb_log_freq == 0:
+            self._wandb.log(row, step=step)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: Path | str) -> list[dict]:
+    """Read ``metrics.jsonl`` back as a list of dicts."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,192 @@
+"""One optimizer step of VLA-Adapter training: micro-batch forwards/backwards, gradient sync, update.
+
+The step is written so that 1 process x batch 4, 2 ranks x batch 2, and 1 process x 2 micro-batches x 2
+produce the same update (up to float reassociation): every loss is a per-sample mean, each micro-batch's
+backward is scaled by 1/accumulation, and the synchronizer averages over ranks.
+
+CRaFT plugs in through :class:`CraftHooks` (``prismatic/training/craft_step.py``): it supplies the anchor
+features, takes the retention gradients into a second buffer, and rewrites the shared-parameter gradients
+between the all-reduce and ``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from prismatic.extern.hf.modeling_prismatic import action_head_inputs
+from prismatic.training.distributed import DistributedContext, GradientSynchronizer
+
+
+@dataclass
+class PolicyModules:
+    """The trainable pieces of a VLA-Adapter policy. ``vla`` may be a PEFT model."""
+
+    vla: nn.Module
+    action_head: nn.Module
+    proprio_projector: nn.Module | None
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters inside the VLA: the ones CRaFT's retention loss can reach."""
+        return [p for p in self.vla.parameters() if p.requires_grad]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters that only the action loss reaches (action head, proprio projector)."""
+        mods = [self.action_head] + ([self.proprio_projector] if self.proprio_projector is not None else [])
+        return [p for m in mods for p in m.parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Shared parameters first, then head parameters: CRaFT projects the flat-buffer prefix."""
+        return self.shared_parameters() + self.head_parameters()
+
+    def train(self, mode: bool = True) -> None:
+        for m in (self.vla, self.action_head, self.proprio_projector):
+            if m is not None:
+                m.train(mode)
+
+
+class CraftHooks(Protocol):
+    """What the trainer needs from CRaFT (implemented in ``prismatic/training/craft_step.py``)."""
+
+    anchor_layer: int | None  # hidden-state index of C_R (None = the middle one)
+
+    def retention_loss(self, outputs: Any, batch: dict) -> torch.Tensor: ...
+
+    def begin_step(self, sync: GradientSynchronizer) -> None: ...
+
+    def retention_grad_buffer(self) -> torch.Tensor: ...
+
+    def apply(self, sync: GradientSynchronizer, mean_retention_loss: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    num_task_tokens: int  # 256 x number of images
+    use_proprio: bool
+    autocast_dtype: torch.dtype | None  # torch.bfloat16 on CUDA, None (fp32) on CPU
+    max_grad_norm: float = 0.0
+    seed: int = 0
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    """Tensors to ``device`` (non-blocking from pinned memory); lists of strings stay as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def action_l1_losses(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """L1 over the whole chunk (the loss), and split into the current action and the future ones (logged).
+
+    pred, target: [B, chunk, action_dim], normalized.
+    """
+    err = (pred.float() - target.float()).abs()
+    return {"loss": err.mean(), "l1_current": err[:, 0].mean(), "l1_next": err[:, 1:].mean()}
+
+
+class Trainer:
+    """Runs optimizer steps. Owns no data and no files: the caller feeds micro-batches and logs metrics."""
+
+    def __init__(
+        self,
+        modules: PolicyModules,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        sync: GradientSynchronizer,
+        ctx: DistributedContext,
+        settings: StepSettings,
+        craft: CraftHooks | None = None,
+    ) -> None:
+        self.modules = modules
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.sync = sync
+        self.ctx = ctx
+        self.settings = settings
+        self.craft = craft
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.settings.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.ctx.device.type, dtype=dtype)
+
+    def forward(self, batch: dict) -> tuple[dict[str, torch.Tensor], Any]:
+        """Policy forward on one micro-batch; returns (losses, VLA outputs)."""
+        m = self.modules
+        with self._autocast():
+            out = m.vla(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"],
+                labels=batch["labels"],
+                output_hidden_states=True,
+                output_craft_features=self.craft is not None,
+                craft_anchor_layer=None if self.craft is None else self.craft.anchor_layer,
+                return_logits=False,
+            )
+            head_in = action_head_inputs(out.hidden_states, out.readout_positions, self.settings.num_task_tokens)
+            proprio = None
+            if self.settings.use_proprio and m.proprio_projector is not None:
+                proprio = m.proprio_projector(batch["proprio"])
+            pred = m.action_head(head_in, proprio)
+        return action_l1_losses(pred, batch["actions"]), out
+
+    def step(self, micro_batches: Sequence[dict], step_index: int) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``micro_batches`` (this rank's share). Returns rank-averaged metrics.
+
+        ``step_index`` (0-based) seeds this step's randomness (head noise, dropout) per rank, so resuming
+        at step k replays exactly what an uninterrupted run does, without saving RNG states.
+        """
+        self.modules.train(True)
+        torch.manual_seed(self.settings.seed * 1_000_003 + step_index * 4099 + self.ctx.rank)
+        n = len(micro_batches)
+        self.sync.zero_grad()
+        if self.craft is not None:
+            self.craft.begin_step(self.sync)
+        sums: dict[str, torch.Tensor] = {}
+        for batch in micro_batches:
+            batch = move_batch(batch, self.ctx.device)
+            losses, out = self.forward(batch)
+            if self.craft is not None:
+                with self._autocast():
+                    ret = self.craft.retention_loss(out, batch)
+                losses["retention_loss"] = ret
+                # g_ret accumulates in its own buffer; retain the graph for the action loss' backward.
+                self.sync.bind(self.craft.retention_grad_buffer())
+                (ret / n).backward(retain_graph=True)
+                self.sync.bind(self.sync.grad_buffer)
+            (losses["loss"] / n).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / n
+        names = sorted(sums)
+        loss_vec = torch.stack([sums[k] for k in names])
+        extra = [loss_vec] if self.craft is None else [self.craft.retention_grad_buffer(), loss_vec]
+        self.sync.sync_grads(*extra)  # one collective: grads (+ g_ret) + losses, averaged over ranks
+        metrics = dict(zip(names, loss_vec.unbind()))
+        if self.craft is not None:
+            metrics.update(self.craft.apply(self.sync, metrics["retention_loss"]))
+        if self.settings.max_grad_norm > 0:
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.sync.params, self.settings.max_grad_norm)
+        metrics["lr"] = torch.tensor(self.scheduler.get_last_lr()[0], dtype=torch.float64)  # LR of this update
+        self.optimizer.step()
+        self.scheduler.step()
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, batches: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """Mean L1 losses on held-out batches (eval mode, no noise), averaged over ranks."""
+        self.modules.train(False)
+        sums: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            losses, _ = self.forward(move_batch(batch, self.ctx.device))
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.float() / max(1, len(batches))
+        names = sorted(sums)
+        vec = torch.stack([sums[k] for k in names]) if names else torch.zeros(0, device=self.ctx.device)
+        self.sync.all_reduce(vec)
+        self.modules.train(True)
+        return {f"val/{k}": v for k, v in zip(names, vec.unbind())}

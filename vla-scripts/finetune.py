@@ -1,0 +1,195 @@
+"""Fine-tune VLA-Adapter (optionally with CRaFT) on LIBERO-format RLDS data.
+
+    torchrun --nproc-per-node 8 vla-scripts/finetune.py --vlm_path <start> --data_root_dir <rlds> \
+        --dataset_name libero_spatial_no_noops [--use_craft True --craft_retention_budget 0.05 ...]
+
+The story: join the process group, load the start point, build data, policy, optimizer and (optionally)
+CRaFT, resume if asked, then run optimizer steps, logging every step and saving at the interval. The
+mechanics live in ``prismatic/training/``; ``--help`` lists every flag.
+"""
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+
+import draccus
+import torch
+
+from prismatic.training.checkpointing import CheckpointManager, save_run_config
+from prismatic.training.craft_step import CraftStep, OnlineAnchor
+from prismatic.training.data_setup import build_training_data
+from prismatic.training.distributed import (
+    DistributedContext,
+    GradientSynchronizer,
+    abort_distributed,
+    broadcast_parameters,
+    init_distributed,
+    shutdown_distributed,
+)
+from prismatic.training.finetune_config import FinetuneConfig
+from prismatic.training.lr_schedule import build_scheduler
+from prismatic.training.metrics import MetricsLogger
+from prismatic.training.model_setup import build_policy, load_start_point
+from prismatic.training.trainer import StepSettings, Trainer
+from prismatic.vla.constants import LIBERO, NUM_PATCHES_PER_IMAGE
+
+log = logging.getLogger("finetune")
+
+
+def make_run_id(cfg: FinetuneConfig) -> str:
+    """Upstream-style run id: start point, data, global batch, LR, LoRA rank, CRaFT, note."""
+    if cfg.run_id_override:
+        return cfg.run_id_override
+    parts = [
+        Path(cfg.vlm_path.rstrip("/")).name,
+        cfg.dataset_name,
+        f"b{cfg.batch_size * cfg.grad_accumulation_steps}",
+        f"lr-{cfg.learning_rate:g}",
+    ]
+    if cfg.use_lora:
+        parts.append(f"lora-r{cfg.lora_rank}")
+    if cfg.use_craft:
+        parts.append("craft")
+    run_id = "+".join(parts)
+    return f"{run_id}--{cfg.run_id_note}" if cfg.run_id_note else run_id
+
+
+def build_craft(cfg: FinetuneConfig, trainer_modules, sync: GradientSynchronizer, data) -> CraftStep:  # noqa: ANN001
+    """CRaFT's step hooks with the anchor the flags ask for."""
+    craft_cfg = cfg.craft_config()
+    from prismatic.training.craft_utils import CRaFTFeatureExtractor
+
+    extractor = CRaFTFeatureExtractor.from_config(craft_cfg)
+    if craft_cfg.anchor_source == "online":
+        anchor = OnlineAnchor(trainer_modules.vla, extractor, craft_cfg.anchor_layer_idx)
+    else:
+        from prismatic.training.craft_cache import CachedAnchor
+
+        if cfg.image_aug:
+            log.warning(
+                "CRaFT cache anchor with --image_aug True: f_0 is the feature of the un-augmented frame while "
+                "the student sees augmented pixels; L_ret then also penalizes augmentation sensitivity "
+                "(see docs/IDEA.md). Use --craft_anchor_source online for an exact anchor."
+            )
+        anchor = CachedAnchor.open(craft_cfg, trainer_modules, data)
+    return CraftStep(craft_cfg, anchor, sync, num_shared=len(trainer_modules.shared_parameters()))
+
+
+def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
+    torch.manual_seed(cfg.seed)  # identical fresh heads on every rank (rank 0's are broadcast anyway)
+    run_id = make_run_id(cfg)
+    run_dir = Path(cfg.run_root_dir) / run_id
+    if ctx.is_main:
+        save_run_config(run_dir, dataclasses.asdict(cfg))
+
+    # --- Data and start point ---
+    data = build_training_data(cfg, ctx, LIBERO)
+    start = load_start_point(cfg.vlm_path, cfg.use_minivlm, cfg.config_file_path)
+    start.vla.norm_stats = data.dataset_statistics
+    modules = build_policy(
+        start,
+        platform=LIBERO,
+        num_images=cfg.num_images_in_input,
+        use_lora=cfg.use_lora,
+        lora_rank=cfg.lora_rank,
+        lora_dropout=cfg.lora_dropout,
+        use_pro_version=cfg.use_pro_version,
+        use_proprio=cfg.use_proprio,
+        noise_std=cfg.action_head_noise_std,
+    )
+    for m in (modules.vla, modules.action_head, modules.proprio_projector):
+        if m is not None:
+            m.to(ctx.device)
+
+    # --- Optimization ---
+    sync = GradientSynchronizer(modules.trainable_parameters(), ctx)
+    broadcast_parameters(sync.params, ctx)
+    cuda = ctx.device.type == "cuda"
+    optimizer = torch.optim.AdamW(sync.params, lr=cfg.learning_rate, fused=cuda, foreach=None if cuda else True)
+    scheduler = build_scheduler(optimizer, cfg.lr_warmup_steps, cfg.num_steps_before_decay)
+    craft = build_craft(cfg, modules, sync, data) if cfg.use_craft else None
+    settings = StepSettings(
+        num_task_tokens=NUM_PATCHES_PER_IMAGE * cfg.num_images_in_input,
+        use_proprio=cfg.use_proprio,
+        autocast_dtype=torch.bfloat16 if cuda else None,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+    )
+    trainer = Trainer(modules, optimizer, scheduler, sync, ctx, settings, craft)
+
+    # --- Resume ---
+    checkpoints = CheckpointManager(
+        run_dir,
+        run_id,
+        ctx,
+        save_freq=cfg.save_freq,
+        latest_only=cfg.save_latest_checkpoint_only,
+        merge_lora=cfg.merge_lora_during_training,
+    )
+    start_step = 0
+    if cfg.resume:
+        state = checkpoints.load(checkpoints.find(cfg.resume_step), modules, optimizer, scheduler)
+        start_step = int(state["step"])
+        if craft is not None:
+            craft.load_state_dict(state["craft"])
+        if ctx.is_main:
+            log.info("resumed from step %d", start_step)
+
+    # --- Train ---
+    logger = MetricsLogger(
+        run_dir,
+        is_main=ctx.is_main,
+        total_steps=cfg.max_steps,
+        start_step=start_step,
+        wandb_mode=cfg.wandb_mode,
+        wandb_project=cfg.wandb_project,
+        wandb_entity=cfg.wandb_entity,
+        run_id=run_id,
+        wandb_log_freq=cfg.wandb_log_freq,
+        config=dataclasses.asdict(cfg),
+        resume=cfg.resume,
+        show_progress=cfg.show_progress,
+    )
+    global_batch = cfg.batch_size * cfg.grad_accumulation_steps * ctx.world_size
+    stream = data.train_steps(start_step)
+    try:
+        for step in range(start_step, cfg.max_steps):
+            t0 = time.perf_counter()
+            metrics = trainer.step(next(stream), step)
+            values = {k: float(v) for k, v in metrics.items()}  # the step's one host sync
+            if not math.isfinite(values["loss"]) or not math.isfinite(values.get("craft/retention_loss", 0.0)):
+                raise FloatingPointError(f"non-finite loss at step {step + 1}: {values}")
+            values["samples_per_s"] = global_batch / (time.perf_counter() - t0)
+            if cfg.val_freq and (step + 1) % cfg.val_freq == 0:
+                values.update({k: float(v) for k, v in trainer.evaluate(data.val_batches()).items()})
+            logger.log(step + 1, values)
+            if checkpoints.should_save(step + 1, cfg.max_steps):
+                extra = {"craft": craft.state_dict() if craft is not None else None, "run_id": run_id}
+                checkpoints.save(
+                    step + 1,
+                    modules,
+                    optimizer,
+                    scheduler,
+                    dataset_statistics=data.dataset_statistics,
+                    extra_state=extra,
+                )
+    finally:
+        logger.close()
+
+
+@draccus.wrap()
+def main(cfg: FinetuneConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    ctx = init_distributed(cfg.device)
+    try:
+        run(cfg, ctx)
+    except BaseException:
+        abort_distributed(ctx)  # no barrier: the other ranks may never reach it
+        raise
+    shutdown_distributed(ctx)
+
+
+if __name__ == "__main__":
+    main()
