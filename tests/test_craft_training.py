@@ -10,11 +10,14 @@ product, the cosine) also get a small absolute tolerance scaled to the gradient 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from finetune_utils import (
+    REPO,
     assert_metrics_close,
     assert_params_close,
     checkpoint_tensors,
@@ -113,3 +116,29 @@ def test_use_craft_false_is_the_plain_loop(tiny_base: Path, tmp_path: Path) -> N
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = metrics(flagged / "run")
     assert not any(k.startswith("craft/") for r in rows for k in r)
+
+
+def test_cache_and_online_anchors_agree(tiny_base: Path, tmp_path: Path) -> None:
+    """Without augmentation the cached anchor (fp16, built offline in key order) and the online anchor give
+    the same L_ret: ~0 at step 1 (the student is the start model), and equal up to fp16 rounding later."""
+    cache = tmp_path / "cache"
+    build = [
+        sys.executable, str(REPO / "vla-scripts" / "build_craft_cache.py"),
+        f"--pretrained_checkpoint={tiny_base}", "--use_minivlm=True", f"--config_file_path={tiny_base / 'hf_config'}",
+        "--data_source=synthetic", "--dataset_name=synthetic_libero", "--synthetic_num_episodes=3", "--seed=3",
+        f"--output_dir={cache}", "--device=cpu", "--batch_size=8", "--show_progress=False",
+    ]  # fmt: skip
+    proc = subprocess.run(build, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = {}
+    for source in ("online", "cache"):
+        flags = {**CRAFT_FLAGS, "craft_anchor_source": source, "craft_cache_dir": cache}
+        run_finetune(tiny_args(tiny_base, tmp_path / source, batch_size=4, max_steps=3, save_freq=3, **flags))
+        runs[source] = metrics(tmp_path / source / "run")
+    for source, rows in runs.items():
+        assert rows[0]["craft/retention_loss"] < 1e-6, (source, rows[0]["craft/retention_loss"])  # fp16 rounding
+    for online, cached in zip(runs["online"][1:], runs["cache"][1:]):
+        assert cached["craft/retention_loss"] == pytest.approx(online["craft/retention_loss"], rel=1e-2)
+    assert_params_close(
+        checkpoint_tensors(tmp_path / "cache" / "run", 3), checkpoint_tensors(tmp_path / "online" / "run", 3), 5e-3
+    )

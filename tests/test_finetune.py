@@ -164,7 +164,11 @@ def test_bad_start_point_is_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_loss_falls_on_synthetic_rlds(tiny_base: Path, tmp_path: Path) -> None:
-    """A real learning check on the RLDS path: the action L1 must fall well below its starting level."""
+    """A real learning check on the RLDS path: the action L1 must fall well below its starting level.
+
+    On this data the best constant predictor (the per-dimension median) has an L1 of ~0.29 and the model
+    starts near 0.5; measured: ~0.17 after 120 steps, i.e. the policy reads the images and the instruction.
+    """
     make = load_script("make_synthetic_rlds")
     data_root = tmp_path / "rlds"
     make.main(["--data_root_dir", str(data_root), "--dataset_name", "synthetic_libero", "--num_episodes", "8",
@@ -176,16 +180,17 @@ def test_loss_falls_on_synthetic_rlds(tiny_base: Path, tmp_path: Path) -> None:
             data_source="rlds",
             data_root_dir=data_root,
             batch_size=8,
-            max_steps=100,
-            save_freq=100,
-            learning_rate=2e-3,
+            max_steps=120,
+            save_freq=120,
+            lora_rank=8,
+            learning_rate=5e-3,
             lr_warmup_steps=5,
             shuffle_buffer_size=500,
-            image_aug=True,
         ),
         timeout=900,
     )
     losses = [r["loss"] for r in metrics(tmp_path / "run")]
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < 0.5 * first, f"loss did not fall clearly: first10={first:.4f} last10={last:.4f}"
+    assert last < 0.25, f"loss {last:.4f} is not below the best constant predictor's (~0.29)"
     shutil.rmtree(data_root)

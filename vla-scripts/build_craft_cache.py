@@ -91,7 +91,7 @@ class CacheBuildConfig:
     shard_size: int = 1000                  # frames per chunk file (the unit of resumption)
     log_freq: int = 10                      # log throughput every N batches (rank 0)
     device: str = "auto"                    # auto | cuda | cpu
-    seed: int = 7                           # finetune's --seed (synthetic episodes; the extra action ids)
+    seed: int = 7                           # finetune's --seed (action_queries init, synthetic episodes, extra ids)
     show_progress: bool = True              # tqdm bar on rank 0
     stop_after_chunks: int = 0              # >0: each rank stops after writing this many chunks, without
                                             # finalizing (simulates an interruption; rerun to resume)
@@ -198,7 +198,7 @@ def load_frozen_start_model(cfg: CacheBuildConfig, device: torch.device) -> torc
     """The start point finetune loads (fp32), in eval mode, without gradients, on ``device``."""
     from prismatic.training.model_setup import load_start_point
 
-    vla = load_start_point(cfg.pretrained_checkpoint, cfg.use_minivlm, cfg.config_file_path).vla
+    vla = load_start_point(cfg.pretrained_checkpoint, cfg.use_minivlm, cfg.config_file_path, seed=cfg.seed).vla
     vla.requires_grad_(False)
     return vla.eval().to(device)
 

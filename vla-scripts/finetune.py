@@ -86,7 +86,7 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
 
     # --- Data and start point ---
     data = build_training_data(cfg, ctx, LIBERO)
-    start = load_start_point(cfg.vlm_path, cfg.use_minivlm, cfg.config_file_path)
+    start = load_start_point(cfg.vlm_path, cfg.use_minivlm, cfg.config_file_path, seed=cfg.seed)
     start.vla.norm_stats = data.dataset_statistics
     modules = build_policy(
         start,

@@ -47,13 +47,22 @@ class StartPoint:
     kind: str  # "prismatic_base" | "hf" | "release"
 
 
-def load_start_point(vlm_path: str, use_minivlm: bool, config_file_path: str = "") -> StartPoint:
-    """Load the starting VLA (fp32, CPU) from any of the three supported layouts."""
+def load_start_point(vlm_path: str, use_minivlm: bool, config_file_path: str = "", seed: int = 7) -> StartPoint:
+    """Load the starting VLA (fp32, CPU) from any of the three supported layouts.
+
+    A Prismatic base VLM has no ``action_queries``; they are drawn from N(0, initializer_range) with a
+    generator seeded by ``seed`` alone, so finetune.py and build_craft_cache.py given the same ``--seed``
+    start from the very same model (the CRaFT cache checks this through the model fingerprint).
+    """
     path = Path(vlm_path)
     if use_minivlm:
         config = OpenVLAConfig.from_pretrained(config_file_path)
         vla = OpenVLAForActionPrediction(config)
         load_prismatic_base_checkpoint(vla, path)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            std = config.text_config.initializer_range
+            vla.action_queries.weight.copy_(torch.randn(vla.action_queries.weight.shape, generator=generator) * std)
         return StartPoint(vla, None, None, "prismatic_base")
     if path.is_dir() and find_component_file(path, "action_head") is not None:
         loaded = load_vla_release(path, merge_lora=True)
