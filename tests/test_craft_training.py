@@ -116,6 +116,13 @@ def test_use_craft_false_is_the_plain_loop(tiny_base: Path, tmp_path: Path) -> N
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = metrics(flagged / "run")
     assert not any(k.startswith("craft/") for r in rows for k in r)
+    # "Monitor" mode (lambda pinned to 0, projection off) measures L_ret but must update exactly like plain.
+    monitor = tmp_path / "monitor"
+    watch = {**CRAFT_FLAGS, "craft_retention_weight": 0.0, "craft_lambda_max": 0.0, "craft_enable_projection": False}
+    run_finetune(tiny_args(tiny_base, monitor, batch_size=2, max_steps=2, save_freq=2, **watch))
+    c = checkpoint_tensors(monitor / "run", 2)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert metrics(monitor / "run")[1]["craft/retention_loss"] > 0
 
 
 def test_cache_and_online_anchors_agree(tiny_base: Path, tmp_path: Path) -> None:

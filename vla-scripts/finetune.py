@@ -181,7 +181,9 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
 
 @draccus.wrap()
 def main(cfg: FinetuneConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    for name in ("prismatic", "finetune"):  # our progress at INFO; libraries (tfds/absl) only warn
+        logging.getLogger(name).setLevel(logging.INFO)
     ctx = init_distributed(cfg.device)
     try:
         run(cfg, ctx)

@@ -52,6 +52,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     rows_n = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 3.2 * rows_n), squeeze=False)
     for ax, (key, title, _) in zip(axes.flat, keys):
+        budgets_drawn: set[float] = set()
         for d, rows in runs.items():
             x, y = _series(rows, key)
             if x:
@@ -60,7 +61,8 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
                 vx, vy = _series(rows, "val/loss")
                 if vx:
                     ax.plot(vx, vy, "o--", label=f"{d.name[-30:]} (val)")
-            if key == "craft/retention_loss" and (eps := _budget(d)) is not None:
+            if key == "craft/retention_loss" and (eps := _budget(d)) is not None and eps not in budgets_drawn:
+                budgets_drawn.add(eps)
                 ax.axhline(eps, color="gray", linestyle=":", label=f"epsilon = {eps:g}")
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
