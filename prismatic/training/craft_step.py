@@ -48,9 +48,19 @@ class OnlineAnchor:
         self.anchor_layer = anchor_layer
         base = peft_vla.get_base_model()
         self.initial_action_queries = base.action_queries.weight.detach().clone()
+        # PEFT's disable_adapter() marks *every* LoRA weight trainable again on exit, including those the
+        # trainer froze because they can never get a gradient; remember them to undo that.
+        self._frozen_lora = [p for n, p in peft_vla.named_parameters() if "lora_" in n and not p.requires_grad]
 
     @torch.no_grad()
     def features(self, batch: dict, device: torch.device) -> torch.Tensor:
+        try:
+            return self._features(batch)
+        finally:
+            for p in self._frozen_lora:
+                p.requires_grad_(False)
+
+    def _features(self, batch: dict) -> torch.Tensor:
         with self.vla.disable_adapter():
             out = self.vla(
                 input_ids=batch["input_ids"],
