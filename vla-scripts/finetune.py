@@ -31,7 +31,7 @@ from prismatic.training.distributed import (
 from prismatic.training.finetune_config import FinetuneConfig
 from prismatic.training.lr_schedule import build_scheduler
 from prismatic.training.metrics import MetricsLogger
-from prismatic.training.model_setup import build_policy, load_start_point
+from prismatic.training.model_setup import build_policy, cast_frozen_parameters, load_start_point
 from prismatic.training.trainer import StepSettings, Trainer
 from prismatic.vla.constants import LIBERO, NUM_PATCHES_PER_IMAGE
 
@@ -109,7 +109,9 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
     cuda = ctx.device.type == "cuda"
     optimizer = torch.optim.AdamW(sync.params, lr=cfg.learning_rate, fused=cuda, foreach=None if cuda else True)
     scheduler = build_scheduler(optimizer, cfg.lr_warmup_steps, cfg.num_steps_before_decay)
-    craft = build_craft(cfg, modules, sync, data) if cfg.use_craft else None
+    craft = build_craft(cfg, modules, sync, data) if cfg.use_craft else None  # fingerprints the fp32 start model
+    if cuda:
+        cast_frozen_parameters(modules, torch.bfloat16)
     settings = StepSettings(
         num_task_tokens=NUM_PATCHES_PER_IMAGE * cfg.num_images_in_input,
         use_proprio=cfg.use_proprio,

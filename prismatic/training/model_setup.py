@@ -153,6 +153,20 @@ def build_policy(
     return PolicyModules(vla=model, action_head=head, proprio_projector=proprio)
 
 
+def cast_frozen_parameters(modules: PolicyModules, dtype: torch.dtype) -> int:
+    """Store every frozen parameter in ``dtype`` (bf16 on GPUs: half the memory and bandwidth of the base
+    weights; autocast computes in bf16 anyway). Trainable parameters stay fp32. Returns how many were cast."""
+    count = 0
+    for m in (modules.vla, modules.action_head, modules.proprio_projector):
+        if m is None:
+            continue
+        for p in m.parameters():
+            if not p.requires_grad and p.dtype != dtype and p.is_floating_point():
+                p.data = p.data.to(dtype)
+                count += 1
+    return count
+
+
 def base_model(vla: nn.Module) -> OpenVLAForActionPrediction:
     """The underlying ``OpenVLAForActionPrediction`` of a plain or PEFT-wrapped VLA."""
     return vla.get_base_model() if isinstance(vla, PeftModel) else vla  # type: ignore[return-value]
