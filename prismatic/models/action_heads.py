@@ -274,6 +274,11 @@ class L1RegressionActionHead(nn.Module):
             use_pro_version=use_pro_version,
         )
 
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters kept for checkpoint compatibility that never touch the output (the Pro blocks'
+        ``film_gen``); a trainer freezes them so that weight decay does not move them for nothing."""
+        return [name for name, _ in self.named_parameters() if ".film_gen." in name]
+
     def forward(
         self,
         actions_hidden_states: torch.Tensor,
