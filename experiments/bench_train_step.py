@@ -495,16 +495,22 @@ def parameter_summary(modules: PolicyModules) -> dict[str, Any]:
     }
 
 
-def compile_policy(modules: PolicyModules) -> None:
-    """``torch.compile`` the LLM decoder stack and the action head in place (module names unchanged).
+def compile_policy(modules: PolicyModules, vision: bool = False) -> None:
+    """``torch.compile`` the LLM decoder stack and the action head in place (module names unchanged); with
+    ``vision`` also every ViT block (one graph per ViT type, reused across its identical blocks).
 
     CRaFT back-propagates L_ret with ``retain_graph=True``, which compiled backwards with donated buffers refuse.
     """
     import torch._functorch.config as functorch_config
 
     functorch_config.donated_buffer = False
-    base_model(modules.vla).language_model.model.compile()
+    vla = base_model(modules.vla)
+    vla.language_model.model.compile()
     modules.action_head.compile()
+    if vision:
+        for vit in vla.vision_backbone.vits:
+            for block in vit.blocks:
+                block.compile()
 
 
 # ================================================================================================================
@@ -985,6 +991,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--peak_tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="per-device peak for MFU")
     p.add_argument("--compile", action="store_true", help="torch.compile the LLM decoder and the action head")
+    p.add_argument("--compile_vision", action="store_true", help="with --compile: also compile each ViT block")
     p.add_argument("--profile", action="store_true", help="chrome trace of 3 steps per configuration")
     p.add_argument("--out_dir", default=os.environ.get("OUT") or "bench_out")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
@@ -1025,7 +1032,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
     build_s = time.perf_counter() - t0
     broadcast_parameters(modules.trainable_parameters(), ctx)
     if args.compile:
-        compile_policy(modules)
+        compile_policy(modules, vision=args.compile_vision)
     out_dir = Path(args.out_dir)
     settings = BenchSettings(
         variants=tuple(args.variants),
