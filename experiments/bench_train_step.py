@@ -28,8 +28,6 @@ same loop on its own batch; rank 0 prints and writes per-rank and global samples
   python experiments/bench_train_step.py --profile --variants craft_online --batch_sizes 8 --steps 3 --warmup 3
 
 ``--profile`` writes a gzipped chrome trace (+ op table) per configuration and rank: restrict it to one.
-``OnlineAnchor``'s ``disable_adapter()`` re-enables the adapters ``freeze_unreachable`` froze; the benchmark
-restores the built trainable set before each configuration (see :func:`restore_requires_grad`).
 """
 
 # ruff: noqa: E402  (the repo root goes on sys.path before the prismatic imports, for un-installed checkouts)
@@ -453,23 +451,6 @@ def build_benchmark_policy(
             m.to(device)
     set_parameter_dtypes(modules, frozen_dtype)
     return modules, str(init_device)
-
-
-RequiresGradSnapshot = list[tuple[nn.Parameter, bool]]
-
-
-def snapshot_requires_grad(modules: PolicyModules) -> RequiresGradSnapshot:
-    """Which parameters train, as built (after ``freeze_unreachable``)."""
-    mods = (modules.vla, modules.action_head, modules.proprio_projector)
-    return [(p, p.requires_grad) for m in mods if m is not None for p in m.parameters()]
-
-
-def restore_requires_grad(snapshot: RequiresGradSnapshot) -> None:
-    """Undo what PEFT's ``disable_adapter()`` (used by ``OnlineAnchor``) does on exit: it marks *every* LoRA
-    weight trainable again, including those ``freeze_unreachable`` froze (bf16 when frozen weights are bf16),
-    which the next ``GradientSynchronizer`` would then pick up (and reject)."""
-    for p, flag in snapshot:
-        p.requires_grad_(flag)
 
 
 def set_parameter_dtypes(modules: PolicyModules, frozen_dtype: torch.dtype) -> None:
@@ -1052,11 +1033,9 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
     )
     results = []
     summary = parameter_summary(modules)
-    trainable_as_built = snapshot_requires_grad(modules)
     for batch_size in settings.batch_sizes:
         batches = make_batches(batch_size, settings, ctx)
         for variant in settings.variants:
-            restore_requires_grad(trainable_as_built)
             flops = step_flops(dims, variant)["total"]
             if ctx.is_main:
                 log.info("measuring %s, batch %d per rank, %d rank(s)", variant, batch_size, ctx.world_size)

@@ -210,24 +210,15 @@ def test_instrumented_step_makes_the_same_update(bench: ModuleType, variant: str
 
 
 def test_trainable_set_survives_the_online_anchor(bench: ModuleType) -> None:
-    """PEFT's disable_adapter() re-enables every LoRA weight on exit, also those freeze_unreachable froze.
-
-    With bf16 frozen weights (the GPU default) the next GradientSynchronizer would get bf16 trainables and
-    refuse them; the benchmark restores the built trainable set before each configuration.
-    """
+    """PEFT's disable_adapter() marks every LoRA weight trainable on exit; OnlineAnchor undoes that for the ones
+    freeze_unreachable froze. Otherwise, with bf16 frozen weights (the GPU default), the next configuration's
+    GradientSynchronizer would be handed bf16 "trainable" weights and refuse them."""
     modules, _ = bench.build_benchmark_policy(
         tiny_openvla_config(), CPU.device, lora_rank=TINY_LORA_RANK, num_images=2, frozen_dtype=torch.bfloat16, seed=3
     )
-    built = bench.snapshot_requires_grad(modules)
     trainable = [id(p) for p in modules.trainable_parameters()]
     online = bench.make_trainer(modules, "craft_online", CPU, batch_size=1, num_images=2, autocast_dtype=torch.bfloat16)
     online.step([random_batch(1, seed=4)], 0)
-    regrown = [p for p in modules.trainable_parameters() if id(p) not in set(trainable)]
-    assert regrown, "PEFT no longer re-enables frozen adapters; restore_requires_grad may be unnecessary"
-    assert {p.dtype for p in regrown} == {torch.bfloat16}
-    with pytest.raises(TypeError, match="fp32"):
-        bench.make_trainer(modules, "plain", CPU, batch_size=1, num_images=2, autocast_dtype=torch.bfloat16)
-    bench.restore_requires_grad(built)
     assert [id(p) for p in modules.trainable_parameters()] == trainable
     plain = bench.make_trainer(modules, "plain", CPU, batch_size=1, num_images=2, autocast_dtype=torch.bfloat16)
     assert plain.sync.numel == online.sync.numel
