@@ -7,7 +7,6 @@ point, serve every test. The reference cache is built once, in-process, with bat
 from __future__ import annotations
 
 import copy
-import importlib.util
 import itertools
 import json
 import os
@@ -21,6 +20,7 @@ from types import ModuleType, SimpleNamespace
 import numpy as np
 import pytest
 import torch  # torch before tensorflow in every process
+from helpers import limit_tf_threads, load_script
 
 from prismatic.training.craft_cache import (
     FEATURES_FILE,
@@ -48,31 +48,16 @@ NUM_IMAGES = 2
 SUBPROCESS_TIMEOUT_S = 420
 
 
-def load_builder() -> ModuleType:
-    """vla-scripts/ is not a package: import the script by path (registered so its dataclasses resolve)."""
-    spec = importlib.util.spec_from_file_location("build_craft_cache_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def builder() -> ModuleType:
-    return load_builder()
+    return load_script("build_craft_cache")
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from prismatic.vla.datasets.rlds import import_tf
     from prismatic.vla.datasets.synthetic_rlds import write_synthetic_rlds
 
-    tf = import_tf()
-    try:  # keep TF off the shared cores; only possible before its runtime starts
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(2)
-    except RuntimeError:
-        pass
+    limit_tf_threads()
     root = tmp_path_factory.mktemp("craft_cache_rlds")
     write_synthetic_rlds(
         root, NAME, num_episodes=NUM_EPISODES, min_len=MIN_LEN, max_len=MAX_LEN, seed=DATA_SEED, num_shards=2

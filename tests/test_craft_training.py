@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_utils import (
+from helpers import (
     REPO,
     assert_metrics_close,
     assert_params_close,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import itertools
 import json
 import shutil
@@ -13,35 +12,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch  # noqa: F401  (torch before tensorflow in every process)
+from helpers import (
+    SYNTHETIC_EPISODES,
+    SYNTHETIC_MAX_LEN,
+    SYNTHETIC_MIN_LEN,
+    SYNTHETIC_NAME,
+    SYNTHETIC_SEED,
+    build_synthetic_root,
+)
 
 from prismatic.vla.datasets.rlds import default_registry, import_tf
 from prismatic.vla.datasets.stream import FRAME_KEYS, augment_image, make_frame_iterator
 from prismatic.vla.datasets.synthetic_task import episode_length
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-NAME, SEED, NUM_EPISODES, MIN_LEN, MAX_LEN = "synthetic_pick_no_noops", 3, 6, 8, 15
-SCRIPT = REPO_ROOT / "vla-scripts" / "make_synthetic_rlds.py"
+NAME, SEED, NUM_EPISODES, MIN_LEN, MAX_LEN = (
+    SYNTHETIC_NAME,
+    SYNTHETIC_SEED,
+    SYNTHETIC_EPISODES,
+    SYNTHETIC_MIN_LEN,
+    SYNTHETIC_MAX_LEN,
+)
 NUM_FRAMES = sum(episode_length(SEED, i, MIN_LEN, MAX_LEN) for i in range(NUM_EPISODES))
-
-
-def build_synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Build the tiny dataset once per session (same parameters and place as tests/test_data_rlds.py)."""
-    root = tmp_path_factory.getbasetemp() / "synthetic_rlds_root"
-    if not (root / NAME).is_dir():
-        tf = import_tf()
-        try:  # keep TF off the shared cores; only possible before its runtime starts
-            tf.config.threading.set_intra_op_parallelism_threads(1)
-            tf.config.threading.set_inter_op_parallelism_threads(2)
-        except RuntimeError:
-            pass
-        # Through the command-line script, so that it is exercised too.
-        spec = importlib.util.spec_from_file_location("make_synthetic_rlds", SCRIPT)
-        script = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(script)
-        args = {"data_root_dir": root, "dataset_name": NAME, "num_episodes": NUM_EPISODES, "min_len": MIN_LEN}
-        args |= {"max_len": MAX_LEN, "seed": SEED, "num_shards": 2}
-        script.main([x for k, v in args.items() for x in (f"--{k}", str(v))])
-    return root
 
 
 @pytest.fixture(scope="module")

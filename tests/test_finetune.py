@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from finetune_utils import (
+from helpers import (
     assert_metrics_close,
     assert_params_close,
     checkpoint_tensors,

@@ -1,5 +1,5 @@
-"""Helpers for end-to-end fine-tuning tests: run ``vla-scripts/finetune.py`` (1 process or ``torchrun``) on
-the tiny checkpoint and the deterministic synthetic source, then read back what it wrote."""
+"""Shared test helpers: run ``vla-scripts/finetune.py`` (1 process or ``torchrun``) on the tiny checkpoint and
+read back what it wrote; import vla-scripts; build the small synthetic RLDS dataset the data tests share."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -105,3 +106,32 @@ def assert_metrics_close(a: list[dict], b: list[dict], keys: list[str], rtol: fl
         for k in keys:
             va, vb = float(ra[k]), float(rb[k])
             assert abs(va - vb) <= atol + rtol * abs(vb), f"step {ra['step']} {k}: {va!r} vs {vb!r}"
+
+
+# The synthetic LIBERO-format RLDS dataset shared by the data tests (built once per session).
+SYNTHETIC_NAME, SYNTHETIC_SEED, SYNTHETIC_EPISODES, SYNTHETIC_MIN_LEN, SYNTHETIC_MAX_LEN = (
+    "synthetic_pick_no_noops", 3, 6, 8, 15
+)  # fmt: skip
+
+
+def limit_tf_threads() -> None:
+    """Keep tensorflow off the shared cores (only possible before its runtime starts)."""
+    from prismatic.vla.datasets.rlds import import_tf
+
+    tf = import_tf()
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(2)
+    except RuntimeError:
+        pass
+
+
+def build_synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared dataset, written through the command-line script (so that it is exercised too)."""
+    root = tmp_path_factory.getbasetemp() / "synthetic_rlds_root"
+    if not (root / SYNTHETIC_NAME).is_dir():
+        limit_tf_threads()
+        args = {"data_root_dir": root, "dataset_name": SYNTHETIC_NAME, "num_episodes": SYNTHETIC_EPISODES}
+        args |= {"min_len": SYNTHETIC_MIN_LEN, "max_len": SYNTHETIC_MAX_LEN, "seed": SYNTHETIC_SEED, "num_shards": 2}
+        load_script("make_synthetic_rlds").main([x for k, v in args.items() for x in (f"--{k}", str(v))])
+    return root
