@@ -644,7 +644,7 @@ def instrumented_step(
     marks: list[tuple[str, Any]] = [("start", clock.mark())]
     mark = lambda label: marks.append((label, clock.mark()))
     t, craft, sync = trainer, trainer.craft, trainer.sync
-    t.modules.train(True)
+    t._set_mode(True)
     torch.manual_seed(t.settings.seed * 1_000_003 + step_index * 4099 + t.ctx.rank)
     n = len(micro_batches)
     sync.zero_grad()

@@ -133,6 +133,7 @@ class GradientSynchronizer:
         for p in self.params:
             self.offsets.append(self.offsets[-1] + p.numel())
         self.grad_buffer = self.new_buffer()
+        self._bound: torch.Tensor | None = None
         self.bind(self.grad_buffer)
 
     def new_buffer(self) -> torch.Tensor:
@@ -145,10 +146,14 @@ class GradientSynchronizer:
             raise ValueError(f"buffer has {buffer.numel()} elements, expected {self.numel}")
         for p, lo, hi in zip(self.params, self.offsets[:-1], self.offsets[1:]):
             p.grad = buffer[lo:hi].view_as(p)
+        self._bound = buffer
 
     def zero_grad(self) -> None:
+        """Zero the gradient buffer; re-bind only if something replaced the views (e.g. set ``.grad`` to None)."""
         self.grad_buffer.zero_()
-        self.bind(self.grad_buffer)
+        first = self.params[0] if self.params else None
+        if self._bound is not self.grad_buffer or (first is not None and first.grad is None):
+            self.bind(self.grad_buffer)
 
     def segment_sizes(self) -> list[int]:
         """Number of elements of each registered parameter, in buffer order."""
