@@ -677,7 +677,7 @@ def instrumented_step(
     metrics = dict(zip(names, loss_vec.unbind()))
     mark("grad_sync")
     if craft is not None:
-        metrics.update(craft.apply(sync, metrics["retention_loss"]))
+        metrics.update(craft.apply(sync, metrics.pop("retention_loss")))
         mark("craft_projection")
     if t.settings.max_grad_norm > 0:
         metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(sync.params, t.settings.max_grad_norm)

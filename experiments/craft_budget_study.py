@@ -142,7 +142,7 @@ def run_craft(base: OpenVLAForActionPrediction, source: SyntheticTorchSource, cf
     craft_cfg = CRaFTConfig(retention_budget=budget, dual_lr=cfg.dual_lr, lambda_max=cfg.lambda_max)
     modules = make_policy(base, cfg)
     trainer = make_trainer(modules, cfg, craft_cfg)
-    keys = {"loss": "loss", "retention_loss": "retention_loss", "lambda": "craft/lambda"}
+    keys = {"loss": "loss", "retention_loss": "craft/retention_loss", "lambda": "craft/lambda"}
     keys.update({"cosine": "craft/cosine", "projection_fired": "craft/projection_fired"})
     history: dict[str, list[float]] = {k: [] for k in keys}
     stream = batches(source, cfg)

@@ -128,7 +128,7 @@ def test_smoke_run_writes_a_complete_report(tmp_path: Path) -> None:
         else:
             _assert_positive(phases["backward_ret"], f"{variant} backward_ret")
             _assert_positive(phases["craft_projection"], f"{variant} craft_projection")
-            assert math.isfinite(r["last_metrics"]["retention_loss"])
+            assert math.isfinite(r["last_metrics"]["craft/retention_loss"])
     _assert_positive(results["craft_online"]["phases_ms"]["anchor_forward"], "online anchor_forward")
     assert {r["grad_buffer_numel"] for r in results.values()} == {model["trainable_params"]}
     assert by_variant["plain"]["total"] < by_variant["craft_cache"]["total"] < by_variant["craft_online"]["total"]

@@ -323,7 +323,7 @@ def test_step_applies_the_craft_formula(base: OpenVLAForActionPrediction, name: 
     lam_next = min(max(unclipped, 0.0), case.lambda_max)
     assert setup.craft.dual.lambda_dual == pytest.approx(lam_next, rel=1e-5, abs=case.dual_lr * 1e-6 * l_ret)
     assert float(metrics["craft/lambda"]) == case.lambda_0
-    assert float(metrics["retention_loss"]) == pytest.approx(l_ret, rel=1e-5)
+    assert float(metrics["craft/retention_loss"]) == pytest.approx(l_ret, rel=1e-5)
     assert float(metrics["loss"]) == pytest.approx(l_act, rel=1e-5)
     if name == "conflict_per_tensor_lambda":
         assert unclipped > case.lambda_max  # the top clip is what this case exercises
@@ -343,7 +343,7 @@ def test_online_anchor_is_the_frozen_start_model(base: OpenVLAForActionPredictio
     torch.testing.assert_close(f0_before, f_start, rtol=0, atol=1e-6)
 
     metrics = setup.trainer.step([b], step_index=0)
-    assert float(metrics["retention_loss"]) < 1e-12
+    assert float(metrics["craft/retention_loss"]) < 1e-12
     assert not setup.craft.g_ret.any(), "g_ret must be exactly 0 when the student is the start model"
     assert float(metrics["craft/projection_fired"]) == 0.0
 

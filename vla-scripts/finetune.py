@@ -18,8 +18,10 @@ import draccus
 import torch
 
 from prismatic.training.checkpointing import CheckpointManager, save_run_config
+from prismatic.training.craft_cache import CachedAnchor
 from prismatic.training.craft_step import CraftStep, OnlineAnchor
-from prismatic.training.data_setup import build_training_data
+from prismatic.training.craft_utils import CRaFTFeatureExtractor
+from prismatic.training.data_setup import TrainingData, build_training_data
 from prismatic.training.distributed import (
     DistributedContext,
     GradientSynchronizer,
@@ -32,7 +34,7 @@ from prismatic.training.finetune_config import FinetuneConfig
 from prismatic.training.lr_schedule import build_scheduler
 from prismatic.training.metrics import MetricsLogger
 from prismatic.training.model_setup import build_policy, cast_frozen_parameters, load_start_point
-from prismatic.training.trainer import StepSettings, Trainer
+from prismatic.training.trainer import PolicyModules, StepSettings, Trainer
 from prismatic.vla.constants import LIBERO, NUM_PATCHES_PER_IMAGE
 
 log = logging.getLogger("finetune")
@@ -56,25 +58,24 @@ def make_run_id(cfg: FinetuneConfig) -> str:
     return f"{run_id}--{cfg.run_id_note}" if cfg.run_id_note else run_id
 
 
-def build_craft(cfg: FinetuneConfig, trainer_modules, sync: GradientSynchronizer, data) -> CraftStep:  # noqa: ANN001
-    """CRaFT's step hooks with the anchor the flags ask for."""
+def build_craft(
+    cfg: FinetuneConfig, modules: PolicyModules, sync: GradientSynchronizer, data: TrainingData
+) -> CraftStep:
+    """CRaFT's step hooks with the anchor the flags ask for (call before any resume load: the cache check
+    fingerprints the start model)."""
     craft_cfg = cfg.craft_config()
-    from prismatic.training.craft_utils import CRaFTFeatureExtractor
-
-    extractor = CRaFTFeatureExtractor.from_config(craft_cfg)
     if craft_cfg.anchor_source == "online":
-        anchor = OnlineAnchor(trainer_modules.vla, extractor, craft_cfg.anchor_layer_idx)
+        extractor = CRaFTFeatureExtractor.from_config(craft_cfg)
+        anchor = OnlineAnchor(modules.vla, extractor, craft_cfg.anchor_layer_idx)
     else:
-        from prismatic.training.craft_cache import CachedAnchor
-
         if cfg.image_aug:
             log.warning(
                 "CRaFT cache anchor with --image_aug True: f_0 is the feature of the un-augmented frame while "
                 "the student sees augmented pixels; L_ret then also penalizes augmentation sensitivity "
                 "(see docs/IDEA.md). Use --craft_anchor_source online for an exact anchor."
             )
-        anchor = CachedAnchor.open(craft_cfg, trainer_modules, data)
-    return CraftStep(craft_cfg, anchor, sync, num_shared=len(trainer_modules.shared_parameters()))
+        anchor = CachedAnchor.open(craft_cfg, modules, data)
+    return CraftStep(craft_cfg, anchor, sync, num_shared=len(modules.shared_parameters()))
 
 
 def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:

@@ -175,7 +175,7 @@ class Trainer:
         self.sync.sync_grads(*extra)  # one collective: grads (+ g_ret) + losses, averaged over ranks
         metrics = dict(zip(names, loss_vec.unbind()))
         if self.craft is not None:
-            metrics.update(self.craft.apply(self.sync, metrics["retention_loss"]))
+            metrics.update(self.craft.apply(self.sync, metrics.pop("retention_loss")))
         if self.settings.max_grad_norm > 0:
             metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.sync.params, self.settings.max_grad_norm)
         metrics["lr"] = torch.tensor(self.scheduler.get_last_lr()[0], dtype=torch.float64)  # LR of this update
