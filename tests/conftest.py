@@ -87,3 +87,14 @@ def tiny_model(tiny_config: OpenVLAConfig) -> OpenVLAForActionPrediction:
 def training_batch_factory() -> Callable[..., dict[str, torch.Tensor]]:
     """``make_training_batch`` as a fixture, for test files that do not import conftest."""
     return make_training_batch
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Prismatic base-VLM run dir (format b) with its HF config in ``hf_config/``, written by
+    vla-scripts/make_tiny_checkpoint.py: the start point of the end-to-end fine-tuning tests."""
+    from helpers import load_script
+
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    load_script("make_tiny_checkpoint").make_tiny_checkpoints(out, formats=["base"], seed=1)
+    return out / "base"

@@ -21,7 +21,6 @@ from helpers import (
     assert_metrics_close,
     assert_params_close,
     checkpoint_tensors,
-    load_script,
     metrics,
     run_finetune,
     tiny_args,
@@ -38,13 +37,6 @@ CRAFT_FLAGS = {
 LOSS_KEYS = ["loss", "l1_current", "l1_next", "craft/retention_loss", "craft/lambda", "craft/lambda_next"]
 GRAD_KEYS = ["craft/g_act_norm", "craft/g_ret_norm", "craft/projected_norm", "craft/energy_kept"]
 SMALL_KEYS = ["craft/dot", "craft/cosine", "craft/conflict", "craft/projection_fired"]
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_ckpt_craft")
-    load_script("make_tiny_checkpoint").make_tiny_checkpoints(out, formats=["base"], seed=2)
-    return out / "base"
 
 
 @pytest.fixture(scope="module")
@@ -139,13 +131,21 @@ def test_cache_and_online_anchors_agree(tiny_base: Path, tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = {}
     for source in ("online", "cache"):
-        flags = {**CRAFT_FLAGS, "craft_anchor_source": source, "craft_cache_dir": cache}
+        # Projection off: with it on, the cache's fp16 rounding gives a tiny but non-zero g_ret at step 1, and the
+        # projection (scale-invariant in g_ret when delta is tiny) then fires on it while the online run's
+        # exactly-zero g_ret does not, so the two trajectories branch for a reason unrelated to the anchors.
+        flags = {
+            **CRAFT_FLAGS,
+            "craft_anchor_source": source,
+            "craft_cache_dir": cache,
+            "craft_enable_projection": False,
+        }
         run_finetune(tiny_args(tiny_base, tmp_path / source, batch_size=4, max_steps=3, save_freq=3, **flags))
         runs[source] = metrics(tmp_path / source / "run")
     for source, rows in runs.items():
         assert rows[0]["craft/retention_loss"] < 1e-6, (source, rows[0]["craft/retention_loss"])  # fp16 rounding
     for online, cached in zip(runs["online"][1:], runs["cache"][1:]):
-        assert cached["craft/retention_loss"] == pytest.approx(online["craft/retention_loss"], rel=1e-2)
+        assert cached["craft/retention_loss"] == pytest.approx(online["craft/retention_loss"], rel=2e-3)
     assert_params_close(
         checkpoint_tensors(tmp_path / "cache" / "run", 3), checkpoint_tensors(tmp_path / "online" / "run", 3), 5e-3
     )

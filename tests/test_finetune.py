@@ -35,13 +35,6 @@ LOSS_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_ckpt")
-    load_script("make_tiny_checkpoint").make_tiny_checkpoints(out, formats=["base"], seed=1)
-    return out / "base"
-
-
-@pytest.fixture(scope="module")
 def reference_run(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """1 process x batch 4, 3 optimizer steps (warm-up 2, decay at step 2)."""
     root = tmp_path_factory.mktemp("ref")
