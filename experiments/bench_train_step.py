@@ -64,6 +64,7 @@ from torch import nn
 
 from prismatic.extern.hf.configuration_prismatic import OpenVLAConfig, tiny_openvla_config
 from prismatic.extern.hf.modeling_prismatic import OpenVLAForActionPrediction, create_vit, feature_block_index
+from prismatic.training.compilation import compile_policy
 from prismatic.training.craft_step import CraftStep, OnlineAnchor
 from prismatic.training.craft_utils import CRaFTConfig, CRaFTFeatureExtractor
 from prismatic.training.distributed import (
@@ -474,24 +475,6 @@ def parameter_summary(modules: PolicyModules) -> dict[str, Any]:
         "trainable_dtypes": sorted({str(p.dtype) for p in trainable}),
         "frozen_dtypes": sorted({str(p.dtype) for p in frozen}),
     }
-
-
-def compile_policy(modules: PolicyModules, vision: bool = False) -> None:
-    """``torch.compile`` the LLM decoder stack and the action head in place (module names unchanged); with
-    ``vision`` also every ViT block (one graph per ViT type, reused across its identical blocks).
-
-    CRaFT back-propagates L_ret with ``retain_graph=True``, which compiled backwards with donated buffers refuse.
-    """
-    import torch._functorch.config as functorch_config
-
-    functorch_config.donated_buffer = False
-    vla = base_model(modules.vla)
-    vla.language_model.model.compile()
-    modules.action_head.compile()
-    if vision:
-        for vit in vla.vision_backbone.vits:
-            for block in vit.blocks:
-                block.compile()
 
 
 # ================================================================================================================

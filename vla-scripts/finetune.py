@@ -18,6 +18,7 @@ import draccus
 import torch
 
 from prismatic.training.checkpointing import CheckpointManager, save_run_config
+from prismatic.training.compilation import compile_policy
 from prismatic.training.craft_cache import CachedAnchor
 from prismatic.training.craft_step import CraftStep, OnlineAnchor
 from prismatic.training.craft_utils import CRaFTFeatureExtractor
@@ -113,6 +114,8 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
     craft = build_craft(cfg, modules, sync, data) if cfg.use_craft else None  # fingerprints the fp32 start model
     if cuda:
         cast_frozen_parameters(modules, torch.bfloat16)
+    if cfg.compile:
+        compile_policy(modules)
     settings = StepSettings(
         num_task_tokens=NUM_PATCHES_PER_IMAGE * cfg.num_images_in_input,
         use_proprio=cfg.use_proprio,

@@ -76,6 +76,7 @@ class FinetuneConfig(CraftFlags):
     seed: int = 7
     action_head_noise_std: float = 0.0      # upstream trains with N(0, 0.02) input noise in the head; 0 = off
     device: str = "auto"                    # auto | cuda | cpu
+    compile: bool = False                   # torch.compile the LLM, ViT blocks and head (faster GPU steps)
 
     # --- Model options -------------------------------------------------------------------------------------
     use_lora: bool = True
