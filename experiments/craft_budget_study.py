@@ -29,7 +29,7 @@ import torch
 from prismatic.extern.hf.configuration_prismatic import tiny_openvla_config
 from prismatic.extern.hf.modeling_prismatic import OpenVLAForActionPrediction
 from prismatic.training.craft_step import CraftStep, OnlineAnchor
-from prismatic.training.craft_utils import CRaFTConfig, CRaFTFeatureExtractor, retention_loss
+from prismatic.training.craft_utils import CRaFTConfig, CRaFTFeatureExtractor
 from prismatic.training.distributed import DistributedContext, GradientSynchronizer
 from prismatic.training.lr_schedule import build_scheduler
 from prismatic.training.model_setup import StartPoint, build_policy
@@ -92,54 +92,16 @@ def make_trainer(modules: PolicyModules, cfg: StudyConfig, craft_cfg: CRaFTConfi
     return Trainer(modules, optimizer, scheduler, sync, ctx, settings, craft)
 
 
-class RetentionProbe:
-    """L_ret of the current student on a batch against the online anchor, under ``no_grad`` (plain-run logging)."""
-
-    def __init__(self, modules: PolicyModules, craft_cfg: CRaFTConfig) -> None:
-        self.vla = modules.vla
-        self.extractor = CRaFTFeatureExtractor.from_config(craft_cfg)
-        self.anchor_layer = craft_cfg.anchor_layer_idx
-        self.anchor = OnlineAnchor(modules.vla, self.extractor, craft_cfg.anchor_layer_idx)
-
-    @torch.no_grad()
-    def __call__(self, batch: dict) -> float:
-        out = self.vla(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
-            labels=batch["labels"],
-            output_hidden_states=False,
-            output_craft_features=True,
-            craft_anchor_layer=self.anchor_layer,
-            return_logits=False,
-        )
-        f_theta = self.extractor(out.raw_latent_features, out.action_query_features)  # [B, 2D]
-        return float(retention_loss(f_theta, self.anchor.features(batch, f_theta.device)))
-
-
 def batches(source: SyntheticTorchSource, cfg: StudyConfig) -> Iterator[dict]:
     """The same endless, seeded batch order for both runs."""
     return iterate_global_batches(source, cfg.batch_size, seed=cfg.seed, num_epochs=None)
 
 
 # ------------------------------------------------------------------------------------------------- runs --
-def run_plain(base: OpenVLAForActionPrediction, source: SyntheticTorchSource, cfg: StudyConfig) -> dict:
-    """CRaFT off; L_ret measured at the step's starting weights on its batch (what CRaFT logs for itself)."""
-    modules = make_policy(base, cfg)
-    trainer = make_trainer(modules, cfg, craft_cfg=None)
-    probe = RetentionProbe(modules, CRaFTConfig())
-    history: dict[str, list[float]] = {"loss": [], "retention_loss": []}
-    stream = batches(source, cfg)
-    for step in range(cfg.steps):
-        batch = next(stream)
-        history["retention_loss"].append(probe(batch))
-        history["loss"].append(float(trainer.step([batch], step)["loss"]))
-    return history
-
-
-def run_craft(base: OpenVLAForActionPrediction, source: SyntheticTorchSource, cfg: StudyConfig, budget: float) -> dict:
-    """CRaFT on (online anchor, global projection) with budget ``budget``."""
-    craft_cfg = CRaFTConfig(retention_budget=budget, dual_lr=cfg.dual_lr, lambda_max=cfg.lambda_max)
+def run(
+    base: OpenVLAForActionPrediction, source: SyntheticTorchSource, cfg: StudyConfig, craft_cfg: CRaFTConfig
+) -> dict:
+    """Train with CRaFT hooks configured by ``craft_cfg``; returns the per-step history."""
     modules = make_policy(base, cfg)
     trainer = make_trainer(modules, cfg, craft_cfg)
     keys = {"loss": "loss", "retention_loss": "craft/retention_loss", "lambda": "craft/lambda"}
@@ -151,6 +113,18 @@ def run_craft(base: OpenVLAForActionPrediction, source: SyntheticTorchSource, cf
         for name, key in keys.items():
             history[name].append(float(metrics[key]))
     return history
+
+
+def run_plain(base: OpenVLAForActionPrediction, source: SyntheticTorchSource, cfg: StudyConfig) -> dict:
+    """Plain fine-tuning that only *measures* L_ret: lambda pinned to 0 and no projection, which updates bit for
+    bit like the plain loop (tests/test_craft_training.py::test_use_craft_false_is_the_plain_loop)."""
+    monitor = CRaFTConfig(retention_weight=0.0, lambda_max=0.0, enable_projection=False)
+    return run(base, source, cfg, monitor)
+
+
+def run_craft(base: OpenVLAForActionPrediction, source: SyntheticTorchSource, cfg: StudyConfig, budget: float) -> dict:
+    """CRaFT on (online anchor, global projection) with budget ``budget``."""
+    return run(base, source, cfg, CRaFTConfig(retention_budget=budget, dual_lr=cfg.dual_lr, lambda_max=cfg.lambda_max))
 
 
 def summarize(history: dict, tail: int) -> dict[str, float]:
