@@ -869,8 +869,9 @@ def combine_ranks(result: dict[str, Any], ctx: DistributedContext, batch_size: i
 # ================================================================================================================
 def format_table(results: Sequence[dict[str, Any]]) -> str:
     cols = ("variant", "B", "med ms", "min ms", "max ms", "samp/s", "glob/s", "peak GiB", "TFLOP/s", "MFU")
-    phase_cols = ("fwd", "anchor", "bwd_ret", "bwd_act", "sync", "proj", "optim", "sum")
+    phase_cols = ("start", "fwd", "anchor", "bwd_ret", "bwd_act", "sync", "proj", "optim", "sum")
     phase_keys = (
+        "zero_grad",
         "forward",
         "anchor_forward",
         "backward_ret",
