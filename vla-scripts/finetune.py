@@ -87,7 +87,7 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
         save_run_config(run_dir, dataclasses.asdict(cfg))
 
     # --- Data and start point ---
-    data = build_training_data(cfg, ctx, LIBERO)
+    data = build_training_data(cfg, ctx)
     start = load_start_point(cfg.vlm_path, cfg.use_minivlm, cfg.config_file_path, seed=cfg.seed)
     start.vla.norm_stats = data.dataset_statistics
     modules = build_policy(

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from prismatic.training.distributed import DistributedContext
-from prismatic.vla.constants import PlatformConstants
 
 HELDOUT_FRACTION = 0.05  # share of episodes held out for validation when --val_freq > 0
 
@@ -40,9 +39,8 @@ def _group_steps(micro_batches: Iterator[dict], accumulation: int) -> Iterator[l
         yield group
 
 
-def build_training_data(cfg: Any, ctx: DistributedContext, platform: PlatformConstants) -> TrainingData:
-    """The data a ``FinetuneConfig`` asks for (``platform`` fixes chunk/action/proprio sizes)."""
-    del platform  # the LIBERO restructuring and the synthetic task both produce LIBERO shapes
+def build_training_data(cfg: Any, ctx: DistributedContext) -> TrainingData:
+    """The data a ``FinetuneConfig`` asks for (both sources produce LIBERO shapes: chunk 8, action 7, proprio 8)."""
     if cfg.data_source == "synthetic":
         return _synthetic_data(cfg, ctx)
     return _rlds_data(cfg, ctx)
