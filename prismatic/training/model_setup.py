@@ -22,6 +22,7 @@ from prismatic.extern.hf.modeling_prismatic import OpenVLAForActionPrediction
 from prismatic.models.action_heads import L1RegressionActionHead
 from prismatic.models.checkpoints import find_component_file, load_prismatic_base_checkpoint, load_vla_release
 from prismatic.models.projectors import ProprioProjector
+from prismatic.training.fused_lora import fuse_lora_layers
 from prismatic.training.trainer import PolicyModules
 from prismatic.vla.constants import NUM_PATCHES_PER_IMAGE, PlatformConstants
 
@@ -76,8 +77,12 @@ def load_start_point(vlm_path: str, use_minivlm: bool, config_file_path: str = "
     )
 
 
-def apply_lora(vla: nn.Module, rank: int, dropout: float) -> PeftModel:
-    """Wrap the VLA with LoRA as upstream does (r, alpha = 2r, gaussian init); ``action_queries`` trains too."""
+def apply_lora(vla: nn.Module, rank: int, dropout: float, fused: bool = True) -> PeftModel:
+    """Wrap the VLA with LoRA as upstream does (r, alpha = 2r, gaussian init); ``action_queries`` trains too.
+
+    ``fused``: compute the linear adapters with :mod:`prismatic.training.fused_lora` (same function and state
+    dict, fewer memory passes); False keeps PEFT's own forward.
+    """
     config = LoraConfig(
         r=rank,
         lora_alpha=2 * rank,
@@ -93,6 +98,8 @@ def apply_lora(vla: nn.Module, rank: int, dropout: float) -> PeftModel:
     for module in peft_vla.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
             module.cast_input_dtype_enabled = False
+    if fused:
+        fuse_lora_layers(peft_vla)
     return peft_vla
 
 
@@ -123,13 +130,14 @@ def build_policy(
     use_pro_version: bool,
     use_proprio: bool,
     noise_std: float,
+    fused_lora: bool = True,
 ) -> PolicyModules:
     """Wrap the start point into trainable modules (fp32 parameters; compute dtype comes from autocast)."""
     vla = start.vla
     config = vla.config
     llm_dim = config.text_config.hidden_size
     if use_lora:
-        model: nn.Module = apply_lora(vla, lora_rank, lora_dropout)
+        model: nn.Module = apply_lora(vla, lora_rank, lora_dropout, fused=fused_lora)
     else:
         model = vla
         model.requires_grad_(True)
