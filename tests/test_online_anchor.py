@@ -62,3 +62,33 @@ def test_online_anchor_is_the_start_model_and_keeps_frozen_set() -> None:
     torch.testing.assert_close(f_anchor, f_start, rtol=1e-5, atol=1e-6)  # same fp32 graph up to reassociation
     trainable_after = [n for n, p in modules.vla.named_parameters() if p.requires_grad]
     assert trainable_after == trainable_before  # PEFT's disable_adapter() must not unfreeze anything
+
+
+def test_adapters_come_back_after_the_anchor_even_on_error() -> None:
+    """The adapter switch is undone on exit (also when the forward raises): the student is the student again."""
+    _, modules = _policy()
+    with torch.no_grad():
+        for n, p in modules.vla.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    anchor = OnlineAnchor(modules.vla, CRaFTFeatureExtractor(), anchor_layer=None)
+    batch = random_batch(2, prompt_len=12, seed=2)
+
+    def student() -> torch.Tensor:
+        with torch.no_grad():
+            out = modules.vla(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")},
+                              output_craft_features=True, return_logits=False)  # fmt: skip
+        return anchor.extractor(out.raw_latent_features, out.action_query_features)
+
+    before = student()
+    f_anchor = anchor.features(batch, torch.device("cpu"))
+    assert not torch.allclose(f_anchor, before, atol=1e-4)  # the adapters do change the features
+    torch.testing.assert_close(student(), before, rtol=0, atol=0)
+    try:
+        with anchor.adapters_disabled():
+            assert all(layer.disable_adapters for layer in anchor.adapter_layers)
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert not any(layer.disable_adapters for layer in anchor.adapter_layers)
+    torch.testing.assert_close(student(), before, rtol=0, atol=0)
