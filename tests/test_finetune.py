@@ -226,10 +226,13 @@ def test_validation_and_offline_wandb(tiny_base: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_compiled_training_matches_eager(reference_run: Path, tiny_base: Path, tmp_path: Path) -> None:
     """--compile True (LLM, ViT blocks and head compiled) trains like eager mode: fused kernels only change how
-    float32 sums are grouped, so parameters agree to well within the DDP tolerance after 3 steps."""
-    run_finetune(
-        tiny_args(tiny_base, tmp_path, batch_size=4, max_steps=3, save_freq=3, num_steps_before_decay=2, compile=True)
-    )
+    float32 sums are grouped, so parameters agree to well within the DDP tolerance after 3 steps.
+
+    Run in the CUDA-graph mode, whose batches are padded to a multiple of 64 positions (on the CPU the mode
+    compiles without graphs): the extra padding must not change training either."""
+    args = dict(batch_size=4, max_steps=3, save_freq=3, num_steps_before_decay=2, compile=True)
+    run_finetune(tiny_args(tiny_base, tmp_path, compile_mode="reduce-overhead", **args))
+    assert json.loads((tmp_path / "run" / "finetune_config.json").read_text())["compile_mode"] == "reduce-overhead"
     assert_params_close(checkpoint_tensors(tmp_path / "run", 3), checkpoint_tensors(reference_run, 3), PARAM_ATOL)
     assert_metrics_close(metrics(tmp_path / "run"), metrics(reference_run), LOSS_KEYS, rtol=1e-4)
 
@@ -250,3 +253,22 @@ def test_full_finetuning_resumes_exactly(tiny_base: Path, tmp_path: Path) -> Non
     moved = [k for k in a if not torch.equal(a[k], start[k])]
     assert any(k.startswith("language_model.model.layers.") for k in moved)  # the LLM itself trains
     assert any(k.startswith("vision_backbone.") for k in moved)
+
+
+def test_compile_mode_flags(tmp_path: Path) -> None:
+    """CUDA graphs need few distinct batch shapes: their mode pads batch lengths to 64 unless told otherwise."""
+    from prismatic.training.finetune_config import FinetuneConfig
+
+    def config(**kw: object) -> FinetuneConfig:
+        return FinetuneConfig(vlm_path=str(tmp_path), **kw)
+
+    assert config().batch_length_multiple == 1
+    assert not config(compile_mode="reduce-overhead").cuda_graphs  # the mode only matters when compiling
+    graphs = config(compile=True, compile_mode="reduce-overhead")
+    assert graphs.cuda_graphs
+    assert graphs.batch_length_multiple == 64
+    assert config(compile=True, compile_mode="reduce-overhead", pad_to_multiple_of=8).batch_length_multiple == 8
+    with pytest.raises(ValueError, match="--compile_mode"):
+        config(compile=True, compile_mode="fast")
+    with pytest.raises(ValueError, match="--pad_to_multiple_of"):
+        config(pad_to_multiple_of=0)

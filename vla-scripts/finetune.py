@@ -100,6 +100,7 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
         use_pro_version=cfg.use_pro_version,
         use_proprio=cfg.use_proprio,
         noise_std=cfg.action_head_noise_std,
+        fused_lora=cfg.fused_lora,
     )
     for m in (modules.vla, modules.action_head, modules.proprio_projector):
         if m is not None:
@@ -115,13 +116,14 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
     if cuda:
         cast_frozen_parameters(modules, torch.bfloat16)
     if cfg.compile:
-        compile_policy(modules)
+        compile_policy(modules, mode=cfg.compile_mode)
     settings = StepSettings(
         num_task_tokens=NUM_PATCHES_PER_IMAGE * cfg.num_images_in_input,
         use_proprio=cfg.use_proprio,
         autocast_dtype=torch.bfloat16 if cuda else None,
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
+        cuda_graphs=cuda and cfg.cuda_graphs,
     )
     trainer = Trainer(modules, optimizer, scheduler, sync, ctx, settings, craft)
 

@@ -1,29 +1,40 @@
 """``torch.compile`` of the policy's repeated blocks, in place (parameter names and checkpoints unchanged).
 
 Compiled: the LLM decoder stack, every ViT block (one graph per ViT type, reused by its identical blocks) and
-the action head. On an H200 this took a plain batch-16 step from 365 to 264 ms and made CRaFT's second backward
-fuse well (docs/BENCHMARKS.md, run D). The first steps pay the compilation (about a minute on a GPU).
+the action head. On an H200 this took a plain batch-16 step from 365 to 264 ms (docs/BENCHMARKS.md, run D), and
+with CUDA graphs ("reduce-overhead") to 180 ms (run E). The first steps pay the compilation (minutes on a GPU).
 """
 
 from __future__ import annotations
 
-from prismatic.training.model_setup import base_model
-from prismatic.training.trainer import PolicyModules
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prismatic.training.trainer import PolicyModules
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
-def compile_policy(modules: PolicyModules, vision: bool = True) -> None:
+def compile_policy(modules: PolicyModules, vision: bool = True, mode: str = "default") -> None:
     """Compile the LLM decoder and the action head, and with ``vision`` every ViT block.
 
+    ``mode`` is torch.compile's: "reduce-overhead" replays each compiled region as a CUDA graph, which removes
+    the per-kernel launch cost that leaves the GPU idle in a compiled step (the Trainer must then be told,
+    ``StepSettings.cuda_graphs``); each new input shape records new graphs, so it suits fixed-shape batches.
     CRaFT back-propagates L_ret with ``retain_graph=True``, which compiled backwards with donated buffers refuse,
     so buffer donation is turned off.
     """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     import torch._functorch.config as functorch_config
+
+    from prismatic.training.model_setup import base_model  # peft/transformers: only when compiling
 
     functorch_config.donated_buffer = False
     vla = base_model(modules.vla)
-    vla.language_model.model.compile()
-    modules.action_head.compile()
+    vla.language_model.model.compile(mode=mode)
+    modules.action_head.compile(mode=mode)
     if vision:
         for vit in vla.vision_backbone.vits:
             for block in vit.blocks:
-                block.compile()
+                block.compile(mode=mode)

@@ -47,6 +47,7 @@ def build_training_data(cfg: Any, ctx: DistributedContext) -> TrainingData:
 
 
 def _synthetic_data(cfg: Any, ctx: DistributedContext) -> TrainingData:
+    from prismatic.vla.datasets.batching import PaddedCollator
     from prismatic.vla.datasets.torch_source import SyntheticTorchSource, iterate_global_batches
 
     source = SyntheticTorchSource(
@@ -64,6 +65,8 @@ def _synthetic_data(cfg: Any, ctx: DistributedContext) -> TrainingData:
         statistics=source.dataset_statistics()[cfg.dataset_name],  # normalize as at deployment
     )
 
+    collator = PaddedCollator(pad_to_multiple_of=cfg.batch_length_multiple)
+
     def train_steps(start_step: int) -> Iterator[list[dict]]:
         accumulation = cfg.grad_accumulation_steps
         batches = iterate_global_batches(
@@ -74,11 +77,14 @@ def _synthetic_data(cfg: Any, ctx: DistributedContext) -> TrainingData:
             seed=cfg.seed,
             num_epochs=None,
             skip_steps=start_step * accumulation,
+            collator=collator,
         )
         return _group_steps(batches, accumulation)
 
     def val_batches() -> list[dict]:
-        it = iterate_global_batches(held_out, cfg.batch_size, world_size=ctx.world_size, rank=ctx.rank, seed=0)
+        it = iterate_global_batches(
+            held_out, cfg.batch_size, world_size=ctx.world_size, rank=ctx.rank, seed=0, collator=collator
+        )
         return list(itertools.islice(it, cfg.val_batches))
 
     return TrainingData(
@@ -101,7 +107,7 @@ def _rlds_data(cfg: Any, ctx: DistributedContext) -> TrainingData:
     transform = FrameToExample(
         PromptTokenizer(load_qwen_tokenizer()), num_images=cfg.num_images_in_input, seed=cfg.seed
     )
-    collator = PaddedCollator()
+    collator = PaddedCollator(pad_to_multiple_of=cfg.batch_length_multiple)
     heldout = HELDOUT_FRACTION if cfg.val_freq > 0 else 0.0
     pin = ctx.device.type == "cuda"
 

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from prismatic.training.compilation import COMPILE_MODES
 from prismatic.training.craft_utils import CRaFTConfig
 
 DATA_SOURCES = ("rlds", "synthetic")
@@ -77,11 +78,14 @@ class FinetuneConfig(CraftFlags):
     action_head_noise_std: float = 0.0      # upstream trains with N(0, 0.02) input noise in the head; 0 = off
     device: str = "auto"                    # auto | cuda | cpu
     compile: bool = False                   # torch.compile the LLM, ViT blocks and head (faster GPU steps)
+    compile_mode: str = "default"           # torch.compile mode; "reduce-overhead" = CUDA graphs (fastest)
+    pad_to_multiple_of: int | None = None   # round batch length up; None: 64 with CUDA graphs (few shapes), else 1
 
     # --- Model options -------------------------------------------------------------------------------------
     use_lora: bool = True
     lora_rank: int = 64
     lora_dropout: float = 0.0
+    fused_lora: bool = True                 # LoRA via GEMM epilogues (training/fused_lora.py); False: PEFT's
     merge_lora_during_training: bool = False  # also write a merged model.safetensors at each save
     use_pro_version: bool = True            # Pro action-head block (else the original block)
 
@@ -111,6 +115,10 @@ class FinetuneConfig(CraftFlags):
             raise ValueError("--vlm_path is required (a Prismatic run dir, an HF model dir or a release dir)")
         if not Path(self.vlm_path).exists():
             raise FileNotFoundError(f"--vlm_path {self.vlm_path!r} does not exist")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"--compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"--pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
         if self.use_minivlm and not self.config_file_path:
             raise ValueError("--use_minivlm True needs --config_file_path (a dir with the HF config.json)")
         if self.use_craft:
@@ -120,6 +128,18 @@ class FinetuneConfig(CraftFlags):
                     "--craft_anchor_source online needs --use_lora True (the anchor is the model with its "
                     "adapters disabled); with full fine-tuning build a cache with build_craft_cache.py"
                 )
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Compiled regions replay CUDA graphs (only on a GPU; on the CPU the mode compiles without graphs)."""
+        return self.compile and self.compile_mode == "reduce-overhead"
+
+    @property
+    def batch_length_multiple(self) -> int:
+        """Padded batch lengths are multiples of this: every new length records new CUDA graphs."""
+        if self.pad_to_multiple_of is not None:
+            return self.pad_to_multiple_of
+        return 64 if self.cuda_graphs else 1
 
     def craft_config(self) -> CRaFTConfig:
         """The ``CRaFTConfig`` described by the ``--craft_*`` flags."""

@@ -71,6 +71,7 @@ class StepSettings:
     autocast_dtype: torch.dtype | None  # torch.bfloat16 on CUDA, None (fp32) on CPU
     max_grad_norm: float = 0.0
     seed: int = 0
+    cuda_graphs: bool = False  # compiled regions replay CUDA graphs (compile mode "reduce-overhead")
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:
@@ -124,6 +125,9 @@ class Trainer:
     def forward(self, batch: dict) -> tuple[dict[str, torch.Tensor], Any]:
         """Policy forward on one micro-batch; returns (losses, VLA outputs)."""
         m = self.modules
+        if self.settings.cuda_graphs:
+            # The previous micro-batch's forward and backward are done: its graph outputs may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
         with self._autocast():
             out = m.vla(
                 input_ids=batch["input_ids"],
