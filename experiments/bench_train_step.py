@@ -64,7 +64,7 @@ from torch import nn
 
 from prismatic.extern.hf.configuration_prismatic import OpenVLAConfig, tiny_openvla_config
 from prismatic.extern.hf.modeling_prismatic import OpenVLAForActionPrediction, create_vit, feature_block_index
-from prismatic.training.compilation import compile_policy
+from prismatic.training.compilation import COMPILE_MODES, compile_policy
 from prismatic.training.craft_step import CraftStep, OnlineAnchor
 from prismatic.training.craft_utils import CRaFTConfig, CRaFTFeatureExtractor
 from prismatic.training.distributed import (
@@ -403,7 +403,9 @@ def load_config(path: Path) -> OpenVLAConfig:
     return OpenVLAConfig.from_dict(raw)
 
 
-def _build_policy_on(config: OpenVLAConfig, device: torch.device, lora_rank: int, num_images: int) -> PolicyModules:
+def _build_policy_on(
+    config: OpenVLAConfig, device: torch.device, lora_rank: int, num_images: int, fused_lora: bool
+) -> PolicyModules:
     with torch.device(device):
         vla = OpenVLAForActionPrediction(config)
         return build_policy(
@@ -416,6 +418,7 @@ def _build_policy_on(config: OpenVLAConfig, device: torch.device, lora_rank: int
             use_pro_version=True,
             use_proprio=True,
             noise_std=0.0,
+            fused_lora=fused_lora,
         )
 
 
@@ -427,6 +430,7 @@ def build_benchmark_policy(
     num_images: int,
     frozen_dtype: torch.dtype,
     seed: int,
+    fused_lora: bool = True,
 ) -> tuple[PolicyModules, str]:
     """Random-weight policy on ``device``: frozen weights in ``frozen_dtype``, trainable ones fp32.
 
@@ -436,7 +440,7 @@ def build_benchmark_policy(
     torch.manual_seed(seed)
     init_device, modules = device, None
     try:
-        modules = _build_policy_on(config, device, lora_rank, num_images)
+        modules = _build_policy_on(config, device, lora_rank, num_images, fused_lora)
     except Exception as err:  # noqa: BLE001 - any failure of on-device init falls back to the plain path
         if device.type == "cpu":
             raise
@@ -446,7 +450,7 @@ def build_benchmark_policy(
         torch.cuda.empty_cache()
         torch.manual_seed(seed)
         init_device = torch.device("cpu")
-        modules = _build_policy_on(config, init_device, lora_rank, num_images)
+        modules = _build_policy_on(config, init_device, lora_rank, num_images, fused_lora)
     for m in (modules.vla, modules.action_head, modules.proprio_projector):
         if m is not None:
             m.to(device)
@@ -504,6 +508,7 @@ def make_trainer(
     learning_rate: float = 5e-4,
     max_grad_norm: float = 0.0,
     seed: int = 0,
+    cuda_graphs: bool = False,
 ) -> Trainer:
     """A fresh synchronizer, optimizer, schedule and (for CRaFT) anchor + hooks, wired as finetune.py does."""
     if variant not in VARIANTS:
@@ -529,6 +534,7 @@ def make_trainer(
         autocast_dtype=autocast_dtype,
         max_grad_norm=max_grad_norm,
         seed=seed,
+        cuda_graphs=cuda_graphs,
     )
     return Trainer(modules, optimizer, scheduler, sync, ctx, settings, craft)
 
@@ -715,9 +721,53 @@ def profile_steps(
         shutil.copyfileobj(src, dst)
     raw.unlink()
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    averages = prof.key_averages()
     table = out_path.with_suffix(".ops.txt")
-    table.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60))
-    return {"trace": str(gz), "op_table": str(table)}
+    table.write_text(averages.table(sort_by=sort_by, row_limit=60))
+    result: dict[str, Any] = {"trace": str(gz), "op_table": str(table)}
+    if device.type == "cuda":
+        result["kernels_per_step"] = kernel_categories(averages, steps=3)
+    return result
+
+
+KERNEL_CATEGORIES = (  # first match wins; names of cuBLAS/cuDNN/flash/triton/ATen kernels, lower-cased
+    ("nccl", ("nccl",)),
+    ("attention", ("flash", "fmha", "attention", "cudnn_generated_fort_native_sdpa")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("triton_pointwise", ("triton_poi",)),
+    ("triton_reduction", ("triton_red", "triton_per")),
+    ("triton_other", ("triton",)),
+    ("copy_cast", ("copy", "memcpy", "memset", "cast")),
+    ("reduction", ("reduce", "norm", "softmax", "layer_norm")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+)
+
+
+ANNOTATION_PREFIXES = ("train_step_", "Optimizer.", "ProfilerStep")  # GPU-side ranges of annotations, not kernels
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    for category, needles in KERNEL_CATEGORIES:
+        if any(n in lowered for n in needles):
+            return category
+    return "other"
+
+
+def kernel_categories(averages: Any, steps: int) -> dict[str, dict[str, float]]:
+    """GPU kernel time and launch count per step, by kind of kernel (where does the device time go?)."""
+    from torch.autograd import DeviceType
+
+    out: dict[str, dict[str, float]] = {}
+    for event in averages:
+        if event.device_type != DeviceType.CUDA or event.key.startswith(ANNOTATION_PREFIXES):
+            continue
+        entry = out.setdefault(kernel_category(event.key), {"ms": 0.0, "launches": 0.0})
+        entry["ms"] += event.self_device_time_total / 1e3 / steps
+        entry["launches"] += event.count / steps
+    total = {"ms": sum(v["ms"] for v in out.values()), "launches": sum(v["launches"] for v in out.values())}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["ms"])) | {"total": total}
 
 
 # ================================================================================================================
@@ -739,6 +789,8 @@ class BenchSettings:
     peak_tflops: float
     profile: bool
     out_dir: Path
+    cuda_graphs: bool = False
+    tag: str = ""
 
 
 def make_batches(batch_size: int, settings: BenchSettings, ctx: DistributedContext) -> list[dict]:
@@ -786,6 +838,7 @@ def measure(
         learning_rate=settings.learning_rate,
         max_grad_norm=settings.max_grad_norm,
         seed=settings.seed,
+        cuda_graphs=settings.cuda_graphs,
     )
     if cuda:
         torch.cuda.synchronize()
@@ -801,7 +854,7 @@ def measure(
     index += settings.phase_steps
     profile = {}
     if settings.profile:
-        name = f"trace_{variant}_b{batch_size}_w{ctx.world_size}_rank{ctx.rank}"
+        name = f"trace_{variant}_b{batch_size}_w{ctx.world_size}_rank{ctx.rank}{settings.tag}"
         profile = profile_steps(trainer, batches, index, settings.out_dir / name, ctx.device)
     median_s = statistics.median(times.device_ms) / 1e3
     achieved = batch_size * flops_per_sample / median_s / 1e12
@@ -956,7 +1009,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--peak_tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="per-device peak for MFU")
     p.add_argument("--compile", action="store_true", help="torch.compile the LLM decoder and the action head")
+    p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES, help="torch.compile mode")
     p.add_argument("--compile_vision", action="store_true", help="with --compile: also compile each ViT block")
+    p.add_argument("--peft_lora", action="store_true", help="PEFT's LoRA forward instead of fused_lora's")
     p.add_argument("--profile", action="store_true", help="chrome trace of 3 steps per configuration")
     p.add_argument("--out_dir", default=os.environ.get("OUT") or "bench_out")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
@@ -993,11 +1048,12 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
         num_images=args.num_images,
         frozen_dtype=frozen_dtype,
         seed=args.seed,
+        fused_lora=not args.peft_lora,
     )
     build_s = time.perf_counter() - t0
     broadcast_parameters(modules.trainable_parameters(), ctx)
     if args.compile:
-        compile_policy(modules, vision=args.compile_vision)
+        compile_policy(modules, vision=args.compile_vision, mode=args.compile_mode)
     out_dir = Path(args.out_dir)
     settings = BenchSettings(
         variants=tuple(args.variants),
@@ -1014,6 +1070,8 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
         peak_tflops=args.peak_tflops,
         profile=args.profile,
         out_dir=out_dir,
+        cuda_graphs=args.compile and args.compile_mode == "reduce-overhead",
+        tag=f"_{args.tag}" if args.tag else "",
     )
     results = []
     summary = parameter_summary(modules)
@@ -1044,6 +1102,9 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
             "autocast_dtype": str(autocast_dtype),
             "frozen_dtype": str(frozen_dtype),
             "compile": args.compile,
+            "compile_vision": args.compile_vision,
+            "compile_mode": args.compile_mode if args.compile else None,
+            "lora_forward": "peft" if args.peft_lora else "fused",
             **summary,
         },
         "settings": {
@@ -1089,6 +1150,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"\n{env['device_name']} x {env['world_size']}, model {model['config']}, "
                   f"frozen {model['frozen_dtype']}, autocast {model['autocast_dtype']}")  # fmt: skip
             print(format_table(report["results"]))
+            for r in report["results"]:
+                kernels = r.get("profile", {}).get("kernels_per_step")
+                if kernels:
+                    print(f"\nGPU kernels per step, {r['variant']} b{r['batch_size']} (profiled, ms / launches):")
+                    print("  " + ", ".join(f"{k} {v['ms']:.1f}/{v['launches']:.0f}" for k, v in kernels.items()))
             print(f"\nwrote {path}")
     except BaseException:
         abort_distributed(ctx)
