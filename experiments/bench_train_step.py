@@ -23,11 +23,16 @@ MFU uses the analytic count of :func:`step_flops` (matmul FLOPs only; assumption
 same loop on its own batch; rank 0 prints and writes per-rank and global samples/s.
 
   python experiments/bench_train_step.py --batch_sizes 8 16
-  torchrun --nproc-per-node 2 experiments/bench_train_step.py --batch_sizes 8
+  python experiments/bench_train_step.py --batch_sizes 16 --compile --compile_vision --compile_mode reduce-overhead
+  python experiments/bench_train_step.py --batch_sizes 16 --peft_lora      # PEFT's LoRA forward (before/after)
+  torchrun --nproc-per-node 2 experiments/bench_train_step.py --batch_sizes 8 [--overlap_grad_sync]
   python experiments/bench_train_step.py --tiny --device cpu --steps 2 --warmup 1 --batch_sizes 2   # smoke
   python experiments/bench_train_step.py --profile --variants craft_online --batch_sizes 8 --steps 3 --warmup 3
 
-``--profile`` writes a gzipped chrome trace (+ op table) per configuration and rank: restrict it to one.
+``--profile`` writes a gzipped chrome trace (+ op table) per configuration and rank: restrict it to one. On a GPU
+it also reports GPU kernel time and launches per step by kind of kernel (GEMM, attention, Triton, ...), which
+shows how much of a step the GPU is idle. With ``--compile_mode reduce-overhead`` use >= 5 warm-up steps: the
+first calls record the CUDA graphs.
 """
 
 # ruff: noqa: E402  (the repo root goes on sys.path before the prismatic imports, for un-installed checkouts)
@@ -509,11 +514,12 @@ def make_trainer(
     max_grad_norm: float = 0.0,
     seed: int = 0,
     cuda_graphs: bool = False,
+    overlap_grad_sync: bool = False,
 ) -> Trainer:
     """A fresh synchronizer, optimizer, schedule and (for CRaFT) anchor + hooks, wired as finetune.py does."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    sync = GradientSynchronizer(modules.trainable_parameters(), ctx)
+    sync = GradientSynchronizer(modules.trainable_parameters(), ctx, overlap=overlap_grad_sync)
     cuda = ctx.device.type == "cuda"
     optimizer = torch.optim.AdamW(sync.params, lr=learning_rate, fused=cuda, foreach=None if cuda else True)
     scheduler = build_scheduler(optimizer, warmup_steps=0, num_steps_before_decay=10**9)
@@ -641,7 +647,8 @@ def instrumented_step(
         craft.begin_step(sync)
     mark("zero_grad")
     sums: dict[str, torch.Tensor] = {}
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
+        last = i == n - 1
         batch = move_batch(batch, t.ctx.device)
         losses, out = t.forward(batch)
         if craft is not None:
@@ -652,17 +659,20 @@ def instrumented_step(
             sync.bind(craft.retention_grad_buffer())
             (ret / n).backward(retain_graph=True)
             sync.bind(sync.grad_buffer)
+            if last:
+                sync.reduce_now(craft.retention_grad_buffer())
             mark("backward_ret")
         else:
             mark("forward")
+        if last:
+            sync.begin_last_backward()
         (losses["loss"] / n).backward()
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float() / n
         mark("backward_act")
     names = sorted(sums)
     loss_vec = torch.stack([sums[k] for k in names])
-    extra = [loss_vec] if craft is None else [craft.retention_grad_buffer(), loss_vec]
-    sync.sync_grads(*extra)
+    sync.sync_grads(loss_vec)
     metrics = dict(zip(names, loss_vec.unbind()))
     mark("grad_sync")
     if craft is not None:
@@ -790,6 +800,7 @@ class BenchSettings:
     profile: bool
     out_dir: Path
     cuda_graphs: bool = False
+    overlap_grad_sync: bool = False
     tag: str = ""
 
 
@@ -839,6 +850,7 @@ def measure(
         max_grad_norm=settings.max_grad_norm,
         seed=settings.seed,
         cuda_graphs=settings.cuda_graphs,
+        overlap_grad_sync=settings.overlap_grad_sync,
     )
     if cuda:
         torch.cuda.synchronize()
@@ -1011,6 +1023,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the LLM decoder and the action head")
     p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES, help="torch.compile mode")
     p.add_argument("--compile_vision", action="store_true", help="with --compile: also compile each ViT block")
+    p.add_argument("--overlap_grad_sync", action="store_true", help="bucketed all-reduce during the backward")
     p.add_argument("--peft_lora", action="store_true", help="PEFT's LoRA forward instead of fused_lora's")
     p.add_argument("--profile", action="store_true", help="chrome trace of 3 steps per configuration")
     p.add_argument("--out_dir", default=os.environ.get("OUT") or "bench_out")
@@ -1071,6 +1084,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
         profile=args.profile,
         out_dir=out_dir,
         cuda_graphs=args.compile and args.compile_mode == "reduce-overhead",
+        overlap_grad_sync=args.overlap_grad_sync,
         tag=f"_{args.tag}" if args.tag else "",
     )
     results = []
@@ -1105,6 +1119,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
             "compile_vision": args.compile_vision,
             "compile_mode": args.compile_mode if args.compile else None,
             "lora_forward": "peft" if args.peft_lora else "fused",
+            "overlap_grad_sync": args.overlap_grad_sync,
             **summary,
         },
         "settings": {

@@ -73,6 +73,25 @@ def test_craft_two_ranks_match_one_process(craft_reference: Path, tiny_base: Pat
     _assert_craft_metrics_close(metrics(tmp_path / "run"), metrics(craft_reference))
 
 
+@pytest.mark.slow
+def test_overlapped_grad_sync_is_bit_identical(tiny_base: Path, tmp_path: Path) -> None:
+    """2 ranks x 2 micro-batches with CRaFT: --overlap_grad_sync (tiny buckets, so many all-reduces launched from
+    hooks during the last backward, and g_ret reduced while the action backward runs) makes exactly the updates
+    and metrics of the single joined all-reduce (a sum of two values does not depend on how it is bucketed)."""
+    flags = dict(batch_size=1, grad_accumulation_steps=2, max_steps=3, save_freq=3, **CRAFT_FLAGS)
+    joined, overlapped = tmp_path / "joined", tmp_path / "overlapped"
+    run_finetune(tiny_args(tiny_base, joined, **flags), nproc=2)
+    run_finetune(
+        tiny_args(tiny_base, overlapped, overlap_grad_sync=True, grad_sync_bucket_numel=20_000, **flags), nproc=2
+    )
+    a, b = checkpoint_tensors(joined / "run", 3), checkpoint_tensors(overlapped / "run", 3)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = lambda r: {k: v for k, v in r.items() if k != "samples_per_s"}  # noqa: E731
+    assert [strip(r) for r in metrics(joined / "run")] == [strip(r) for r in metrics(overlapped / "run")]
+
+
 def test_craft_accumulation_matches_large_batch(craft_reference: Path, tiny_base: Path, tmp_path: Path) -> None:
     args = tiny_args(
         tiny_base, tmp_path, batch_size=2, grad_accumulation_steps=2, max_steps=3, save_freq=3, **CRAFT_FLAGS

@@ -107,7 +107,9 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
             m.to(ctx.device)
 
     # --- Optimization ---
-    sync = GradientSynchronizer(modules.trainable_parameters(), ctx)
+    sync = GradientSynchronizer(
+        modules.trainable_parameters(), ctx, overlap=cfg.overlap_grad_sync, bucket_numel=cfg.grad_sync_bucket_numel
+    )
     broadcast_parameters(sync.params, ctx)
     cuda = ctx.device.type == "cuda"
     optimizer = torch.optim.AdamW(sync.params, lr=cfg.learning_rate, fused=cuda, foreach=None if cuda else True)

@@ -11,7 +11,12 @@ last micro-batch. Why:
 * upstream's bug (head and projector called through ``.module`` so their gradients were never reduced)
   cannot happen: synchronization is by parameter list, not by module wrapper.
 
-The cost is that communication does not overlap the backward pass; see docs/BENCHMARKS.md.
+By default the all-reduce runs after the backward. With ``overlap=True`` the gradient buffer is cut into
+buckets of whole parameters, in the order their gradients become final during the last backward (the buffer's
+end first: head, then the LLM, then the vision backbones), and each bucket's all-reduce is launched from
+parameter hooks as soon as it and every bucket before it are final, while the backward continues. Buckets are
+always launched in the same fixed order, so ranks issue identical collective sequences even if a parameter
+received no gradient (its bucket then waits for :meth:`GradientSynchronizer.sync_grads`).
 """
 
 from __future__ import annotations
@@ -118,7 +123,13 @@ class GradientSynchronizer:
     views to ``None`` and detach them from the buffer).
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], ctx: DistributedContext) -> None:
+    def __init__(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        ctx: DistributedContext,
+        overlap: bool = False,
+        bucket_numel: int = 25_000_000,
+    ) -> None:
         self.params = [p for p in params if p.requires_grad]
         bad = [tuple(p.shape) for p in self.params if p.dtype != torch.float32]
         if bad:
@@ -135,6 +146,12 @@ class GradientSynchronizer:
         self.grad_buffer = self.new_buffer()
         self._bound: torch.Tensor | None = None
         self.bind(self.grad_buffer)
+        self._queued: list[torch.Tensor] = []  # buffers handed to reduce_now, not yet reduced
+        self._overlap = _OverlappedReduction(self, bucket_numel) if overlap and ctx.is_distributed else None
+
+    @property
+    def overlapping(self) -> bool:
+        return self._overlap is not None
 
     def new_buffer(self) -> torch.Tensor:
         """A zeroed flat fp32 buffer with one slot per registered parameter element."""
@@ -151,6 +168,7 @@ class GradientSynchronizer:
     def zero_grad(self) -> None:
         """Zero the gradient buffer; re-bind only if something replaced the views (e.g. set ``.grad`` to None)."""
         self.grad_buffer.zero_()
+        self._queued = []  # nothing from an interrupted step may be reduced again
         first = self.params[0] if self.params else None
         if self._bound is not self.grad_buffer or (first is not None and first.grad is None):
             self.bind(self.grad_buffer)
@@ -173,6 +191,91 @@ class GradientSynchronizer:
             b.copy_(joined[offset : offset + b.numel()].view_as(b))
             offset += b.numel()
 
+    def begin_last_backward(self) -> None:
+        """Call before the step's last backward into ``grad_buffer``: with overlap, its hooks start reducing."""
+        if self._overlap is not None:
+            self._overlap.arm()
+
+    def reduce_now(self, buffer: torch.Tensor) -> None:
+        """``buffer`` is final: all-reduce it now (overlap) or together with the gradients in :meth:`sync_grads`."""
+        if self._overlap is not None:
+            self._overlap.launch_buffer(buffer)
+        else:
+            self._queued.append(buffer)
+
     def sync_grads(self, *extra: torch.Tensor) -> None:
-        """All-reduce the gradient buffer (and ``extra`` buffers, e.g. g_ret or a loss vector) in place."""
-        self.all_reduce(self.grad_buffer, *extra)
+        """Average the gradient buffer, the buffers given to :meth:`reduce_now` and ``extra`` (e.g. a loss
+        vector) over ranks, in place. Without overlap this is one collective; with it, the remaining buckets
+        and buffers are launched and every pending reduction is awaited."""
+        queued, self._queued = self._queued, []
+        if self._overlap is not None:
+            self._overlap.finish(extra)
+        else:
+            self.all_reduce(self.grad_buffer, *queued, *extra)
+
+
+class _OverlappedReduction:
+    """Bucketed, hook-driven asynchronous all-reduce of a :class:`GradientSynchronizer`'s gradient buffer."""
+
+    def __init__(self, sync: GradientSynchronizer, bucket_numel: int) -> None:
+        if bucket_numel < 1:
+            raise ValueError(f"bucket_numel must be >= 1, got {bucket_numel}")
+        self.sync = sync
+        # Buckets of whole parameters, from the buffer's end (whose gradients are final first) to its start.
+        self.bucket_ranges: list[tuple[int, int]] = []
+        self.param_bucket: list[int] = [0] * len(sync.params)
+        hi = sync.numel
+        for index in reversed(range(len(sync.params))):
+            lo = sync.offsets[index]
+            self.param_bucket[index] = len(self.bucket_ranges)
+            if hi - lo >= bucket_numel or index == 0:
+                self.bucket_ranges.append((lo, hi))
+                hi = lo
+        self.bucket_sizes = [self.param_bucket.count(b) for b in range(len(self.bucket_ranges))]
+        self.armed = False
+        self.pending: list[int] = []
+        self.next_bucket = 0
+        self.works: list[tuple[torch.Tensor, object]] = []
+        for index, param in enumerate(sync.params):
+            param.register_post_accumulate_grad_hook(self._hook(index))
+
+    def _hook(self, index: int):  # noqa: ANN202 - a hook closure
+        def hook(_: torch.Tensor) -> None:
+            if not self.armed:
+                return
+            bucket = self.param_bucket[index]
+            self.pending[bucket] -= 1
+            while self.next_bucket < len(self.pending) and self.pending[self.next_bucket] == 0:
+                self._launch_bucket(self.next_bucket)
+
+        return hook
+
+    def arm(self) -> None:
+        if self.sync._bound is not self.sync.grad_buffer:
+            raise RuntimeError("begin_last_backward: the gradient buffer must be bound")
+        self.armed = True
+        self.pending = list(self.bucket_sizes)
+        self.next_bucket = 0
+
+    def _launch_bucket(self, bucket: int) -> None:
+        lo, hi = self.bucket_ranges[bucket]
+        self.launch_buffer(self.sync.grad_buffer[lo:hi])
+        self.next_bucket = bucket + 1
+
+    def launch_buffer(self, buffer: torch.Tensor) -> None:
+        self.works.append((buffer, dist.all_reduce(buffer, op=dist.ReduceOp.SUM, async_op=True)))
+
+    def finish(self, extra: Sequence[torch.Tensor]) -> None:
+        if self.armed:
+            while self.next_bucket < len(self.bucket_ranges):  # buckets whose hooks did not all fire
+                self._launch_bucket(self.next_bucket)
+        else:  # no begin_last_backward this step: reduce the whole buffer now
+            self.launch_buffer(self.sync.grad_buffer)
+        self.armed = False
+        for buffer in extra:
+            self.launch_buffer(buffer)
+        works, self.works = self.works, []
+        world = self.sync.ctx.world_size
+        for buffer, work in works:
+            work.wait()
+            buffer.div_(world)

@@ -74,6 +74,8 @@ class FinetuneConfig(CraftFlags):
     num_steps_before_decay: int = 100_000   # LR x0.1 from this optimizer step on
     max_steps: int = 200_000                # optimizer steps
     max_grad_norm: float = 0.0              # clip the global grad norm (0 = off, upstream default)
+    overlap_grad_sync: bool = False         # all-reduce gradient buckets during the last backward (multi-GPU)
+    grad_sync_bucket_numel: int = 25_000_000  # elements per all-reduce bucket with --overlap_grad_sync
     seed: int = 7
     action_head_noise_std: float = 0.0      # upstream trains with N(0, 0.02) input noise in the head; 0 = off
     device: str = "auto"                    # auto | cuda | cpu
@@ -104,7 +106,7 @@ class FinetuneConfig(CraftFlags):
             raise ValueError(f"--data_source must be one of {DATA_SOURCES}, got {self.data_source!r}")
         if self.num_images_in_input not in (1, 2):
             raise ValueError(f"--num_images_in_input must be 1 or 2, got {self.num_images_in_input}")
-        for name in ("batch_size", "grad_accumulation_steps", "max_steps", "save_freq"):
+        for name in ("batch_size", "grad_accumulation_steps", "max_steps", "save_freq", "grad_sync_bucket_numel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.lr_warmup_steps < 0 or self.action_head_noise_std < 0 or self.lora_dropout < 0:

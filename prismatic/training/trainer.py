@@ -159,7 +159,8 @@ class Trainer:
         if self.craft is not None:
             self.craft.begin_step(self.sync)
         sums: dict[str, torch.Tensor] = {}
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
+            last = i == n - 1
             batch = move_batch(batch, self.ctx.device)
             losses, out = self.forward(batch)
             if self.craft is not None:
@@ -170,13 +171,16 @@ class Trainer:
                 self.sync.bind(self.craft.retention_grad_buffer())
                 (ret / n).backward(retain_graph=True)
                 self.sync.bind(self.sync.grad_buffer)
+                if last:
+                    self.sync.reduce_now(self.craft.retention_grad_buffer())
+            if last:
+                self.sync.begin_last_backward()
             (losses["loss"] / n).backward()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / n
         names = sorted(sums)
         loss_vec = torch.stack([sums[k] for k in names])
-        extra = [loss_vec] if self.craft is None else [self.craft.retention_grad_buffer(), loss_vec]
-        self.sync.sync_grads(*extra)  # one collective: grads (+ g_ret) + losses, averaged over ranks
+        self.sync.sync_grads(loss_vec)  # grads (+ g_ret) + losses, averaged over ranks
         metrics = dict(zip(names, loss_vec.unbind()))
         if self.craft is not None:
             metrics.update(self.craft.apply(self.sync, metrics.pop("retention_loss")))

@@ -1,0 +1,100 @@
+"""GradientSynchronizer's overlapped mode on 2 gloo processes: buckets launch during the backward, in order,
+and the averaged gradients equal the single-process average of both ranks' micro-batches."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import free_port
+from torch import nn
+
+from prismatic.training.distributed import DistributedContext, GradientSynchronizer
+
+WORLD = 2
+MICRO_BATCHES = 2
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        # Trainable but never in the graph; first in the buffer, hence in the last bucket, which launches in
+        # sync_grads (a missing gradient must neither block the other buckets nor desynchronize the ranks).
+        self.unused = nn.Linear(3, 3)
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return Net()
+
+
+def data(rank: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * rank + micro)
+    return torch.randn(5, 8, generator=g), torch.randn(5, 4, generator=g)
+
+
+def params(model: nn.Module) -> list[nn.Parameter]:
+    return list(model.parameters())
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )  # fmt: skip
+    try:
+        ctx = DistributedContext(rank=rank, world_size=WORLD, local_rank=rank, device=torch.device("cpu"))
+        model = make_model()
+        sync = GradientSynchronizer(params(model), ctx, overlap=True, bucket_numel=50)
+        report = {"buckets": len(sync._overlap.bucket_ranges)}
+        for step in range(2):  # twice: the hooks re-arm every step
+            sync.zero_grad()
+            second = sync.new_buffer()
+            for micro in range(MICRO_BATCHES):
+                x, y = data(rank, micro)
+                last = micro == MICRO_BATCHES - 1
+                if last:
+                    sync.reduce_now(second.fill_(float(rank + 1)))  # stands for CRaFT's g_ret
+                    sync.begin_last_backward()
+                ((model(x) - y).square().mean() / MICRO_BATCHES).backward()
+            report[f"launched_in_backward_{step}"] = len(sync._overlap.works)
+            loss = torch.tensor([float(rank)])
+            sync.sync_grads(loss)
+            report[f"grads_{step}"] = sync.grad_buffer.clone()
+            report[f"second_{step}"] = second.clone()
+            report[f"loss_{step}"] = loss.clone()
+        torch.save(report, Path(out) / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_overlapped_buckets_average_like_one_process(tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    reports = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    model = make_model()
+    for rank in range(WORLD):
+        for micro in range(MICRO_BATCHES):
+            x, y = data(rank, micro)
+            ((model(x) - y).square().mean() / (MICRO_BATCHES * WORLD)).backward()
+    expected = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in params(model)])
+
+    for report in reports:
+        assert report["buckets"] == 4  # [head layer], [middle layer], [first layer], [unused layer]
+        for step in range(2):
+            # before sync_grads: the reduce_now buffer and every bucket except the unused layer's
+            assert report[f"launched_in_backward_{step}"] == report["buckets"]
+            torch.testing.assert_close(report[f"grads_{step}"], expected, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(report[f"second_{step}"], torch.full_like(expected, 1.5))
+            torch.testing.assert_close(report[f"loss_{step}"], torch.tensor([0.5]))
+    torch.testing.assert_close(reports[0]["grads_1"], reports[1]["grads_1"], rtol=0, atol=0)
