@@ -868,6 +868,7 @@ def measure(
     if settings.profile:
         name = f"trace_{variant}_b{batch_size}_w{ctx.world_size}_rank{ctx.rank}{settings.tag}"
         profile = profile_steps(trainer, batches, index, settings.out_dir / name, ctx.device)
+    trainer.sync.close()  # overlap hooks would keep this trainer's buffers alive into the next measurement
     median_s = statistics.median(times.device_ms) / 1e3
     achieved = batch_size * flops_per_sample / median_s / 1e12
     return {

@@ -144,6 +144,21 @@ def test_dropout_in_eval_mode_stays_fused():
     torch.testing.assert_close(fused(x), reference(x), rtol=1e-12, atol=1e-12)
 
 
+def test_lora_bias_is_not_fused():
+    """PEFT's lora_bias gives lora_B a bias the fused op does not add: such layers keep PEFT's forward."""
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "o"], lora_bias=True)
+    reference = get_peft_model(TwoLayers().double(), config)
+    randomize_lora_b(reference, seed=1)
+    with torch.no_grad():
+        reference.base_model.model.q.lora_B["default"].bias.fill_(2.0)
+    fused = copy.deepcopy(reference)
+    fuse_lora_layers(fused)
+    assert fused.base_model.model.q._fused_adapter() is None
+    x = torch.randn(3, 16, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), reference(x), rtol=0, atol=0)
+
+
 def test_trainable_base_weight_is_not_fused():
     _, fused = peft_pair()
     layer = fused.base_model.model.q

@@ -26,9 +26,13 @@ class Net(nn.Module):
         # sync_grads (a missing gradient must neither block the other buckets nor desynchronize the ranks).
         self.unused = nn.Linear(3, 3)
         self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+        # Last in the buffer (so in the first bucket) but used at the input, so its gradient is final last: like
+        # action_queries, it holds back the buffer-order launches until the learned order takes over.
+        self.late = nn.Module()  # a submodule, so that parameters() lists it after body
+        self.late.input_scale = nn.Parameter(torch.ones(8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.body(x * self.late.input_scale)
 
 
 def make_model() -> nn.Module:
@@ -55,7 +59,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         model = make_model()
         sync = GradientSynchronizer(params(model), ctx, overlap=True, bucket_numel=50)
         report = {"buckets": len(sync._overlap.bucket_ranges)}
-        for step in range(2):  # twice: the hooks re-arm every step
+        # An interrupted step: the last backward launches collectives, then "an exception" skips sync_grads.
+        sync.zero_grad()
+        sync.begin_last_backward()
+        x, y = data(rank, 0)
+        (model(x) - y).square().mean().mul(1e3).backward()
+        for step in range(2):  # twice: step 0 learns the launch order, step 1 uses it
             sync.zero_grad()
             second = sync.new_buffer()
             for micro in range(MICRO_BATCHES):
@@ -66,11 +75,16 @@ def _worker(rank: int, port: int, out: str) -> None:
                     sync.begin_last_backward()
                 ((model(x) - y).square().mean() / MICRO_BATCHES).backward()
             report[f"launched_in_backward_{step}"] = len(sync._overlap.works)
+            report[f"launch_log_{step}"] = list(sync._overlap.launch_log)
+            report[f"hooks_{step}"] = sync._overlap.hooks_fired
             loss = torch.tensor([float(rank)])
             sync.sync_grads(loss)
             report[f"grads_{step}"] = sync.grad_buffer.clone()
             report[f"second_{step}"] = second.clone()
             report[f"loss_{step}"] = loss.clone()
+        report["order"] = list(sync._overlap.order)
+        sync.close()
+        report["hooks_after_close"] = sum(len(p._post_accumulate_grad_hooks or {}) for p in params(model))
         torch.save(report, Path(out) / f"rank{rank}.pt")
         dist.barrier()
     finally:
@@ -90,10 +104,20 @@ def test_overlapped_buckets_average_like_one_process(tmp_path: Path) -> None:
     expected = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in params(model)])
 
     for report in reports:
-        assert report["buckets"] == 4  # [head layer], [middle layer], [first layer], [unused layer]
+        # buckets: 0 = [last layer, input_scale], 1 = [middle layer], 2 = [first layer], 3 = [unused layer]
+        assert report["buckets"] == 4
+        assert report["order"] == [1, 2, 0, 3]  # rank 0's completion order, learned in step 0
+        assert report["hooks_after_close"] == 0
         for step in range(2):
             # before sync_grads: the reduce_now buffer and every bucket except the unused layer's
             assert report[f"launched_in_backward_{step}"] == report["buckets"]
+        # step 0 (buffer order): bucket 0 waits for input_scale, the last gradient, and holds the others back;
+        # step 1 (learned order): bucket 1 goes out while the backward still has gradients to deliver
+        assert [b for b, _ in report["launch_log_0"]] == [0, 1, 2]
+        assert all(fired == report["hooks_0"] for _, fired in report["launch_log_0"])
+        assert [b for b, _ in report["launch_log_1"]] == [1, 2, 0]
+        assert report["launch_log_1"][0][1] < report["hooks_1"]
+        for step in range(2):  # the interrupted step before them left nothing behind
             torch.testing.assert_close(report[f"grads_{step}"], expected, rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(report[f"second_{step}"], torch.full_like(expected, 1.5))
             torch.testing.assert_close(report[f"loss_{step}"], torch.tensor([0.5]))

@@ -167,6 +167,8 @@ class GradientSynchronizer:
 
     def zero_grad(self) -> None:
         """Zero the gradient buffer; re-bind only if something replaced the views (e.g. set ``.grad`` to None)."""
+        if self._overlap is not None:
+            self._overlap.reset()  # an interrupted step's collectives finish before the buffer is zeroed
         self.grad_buffer.zero_()
         self._queued = []  # nothing from an interrupted step may be reduced again
         first = self.params[0] if self.params else None
@@ -190,6 +192,12 @@ class GradientSynchronizer:
         for b in buffers:
             b.copy_(joined[offset : offset + b.numel()].view_as(b))
             offset += b.numel()
+
+    def close(self) -> None:
+        """Remove the overlap hooks from the parameters (they keep this synchronizer's buffers alive)."""
+        if self._overlap is not None:
+            self._overlap.close()
+            self._overlap = None
 
     def begin_last_backward(self) -> None:
         """Call before the step's last backward into ``grad_buffer``: with overlap, its hooks start reducing."""
@@ -215,13 +223,19 @@ class GradientSynchronizer:
 
 
 class _OverlappedReduction:
-    """Bucketed, hook-driven asynchronous all-reduce of a :class:`GradientSynchronizer`'s gradient buffer."""
+    """Bucketed, hook-driven asynchronous all-reduce of a :class:`GradientSynchronizer`'s gradient buffer.
+
+    Buckets are contiguous runs of whole parameters, cut from the buffer's end (the head, whose gradients are
+    final first) to its start. They launch in ``order``: at first buffer-end first; after the first overlapped
+    step, in the order rank 0 saw them complete (broadcast, so every rank keeps issuing the same collectives).
+    That order matters: a parameter used at the LLM input (``action_queries``) gets its gradient only after the
+    vision backward, and in buffer order it would hold back every bucket behind it.
+    """
 
     def __init__(self, sync: GradientSynchronizer, bucket_numel: int) -> None:
         if bucket_numel < 1:
             raise ValueError(f"bucket_numel must be >= 1, got {bucket_numel}")
         self.sync = sync
-        # Buckets of whole parameters, from the buffer's end (whose gradients are final first) to its start.
         self.bucket_ranges: list[tuple[int, int]] = []
         self.param_bucket: list[int] = [0] * len(sync.params)
         hi = sync.numel
@@ -232,43 +246,64 @@ class _OverlappedReduction:
                 self.bucket_ranges.append((lo, hi))
                 hi = lo
         self.bucket_sizes = [self.param_bucket.count(b) for b in range(len(self.bucket_ranges))]
+        self.order = list(range(len(self.bucket_ranges)))
+        self.order_learned = False
         self.armed = False
         self.pending: list[int] = []
-        self.next_bucket = 0
+        self.position = 0  # index into ``order`` of the next bucket to launch
+        self.completed: list[int] = []  # buckets in the order their last gradient arrived, this step
+        self.launch_log: list[tuple[int, int]] = []  # (bucket, hooks fired so far), this step
+        self.hooks_fired = 0
         self.works: list[tuple[torch.Tensor, object]] = []
-        for index, param in enumerate(sync.params):
-            param.register_post_accumulate_grad_hook(self._hook(index))
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(sync.params)]
 
     def _hook(self, index: int):  # noqa: ANN202 - a hook closure
         def hook(_: torch.Tensor) -> None:
             if not self.armed:
                 return
+            self.hooks_fired += 1
             bucket = self.param_bucket[index]
             self.pending[bucket] -= 1
-            while self.next_bucket < len(self.pending) and self.pending[self.next_bucket] == 0:
-                self._launch_bucket(self.next_bucket)
+            if self.pending[bucket] == 0:
+                self.completed.append(bucket)
+            while self.position < len(self.order) and self.pending[self.order[self.position]] == 0:
+                self._launch_next()
 
         return hook
 
     def arm(self) -> None:
         if self.sync._bound is not self.sync.grad_buffer:
             raise RuntimeError("begin_last_backward: the gradient buffer must be bound")
+        # works may already hold this step's reduce_now buffers (g_ret): keep them; zero_grad cleared the rest
         self.armed = True
         self.pending = list(self.bucket_sizes)
-        self.next_bucket = 0
+        self.completed, self.launch_log = [], []
+        self.position = self.hooks_fired = 0
 
-    def _launch_bucket(self, bucket: int) -> None:
+    def reset(self) -> None:
+        """Forget a step that did not reach :meth:`finish` (an exception): wait out its collectives, disarm."""
+        for _, work in self.works:
+            work.wait()
+        self.works = []
+        self.armed = False
+        self.pending, self.completed, self.launch_log = [], [], []
+        self.position = self.hooks_fired = 0
+
+    def _launch_next(self) -> None:
+        bucket = self.order[self.position]
         lo, hi = self.bucket_ranges[bucket]
         self.launch_buffer(self.sync.grad_buffer[lo:hi])
-        self.next_bucket = bucket + 1
+        self.launch_log.append((bucket, self.hooks_fired))
+        self.position += 1
 
     def launch_buffer(self, buffer: torch.Tensor) -> None:
         self.works.append((buffer, dist.all_reduce(buffer, op=dist.ReduceOp.SUM, async_op=True)))
 
     def finish(self, extra: Sequence[torch.Tensor]) -> None:
-        if self.armed:
-            while self.next_bucket < len(self.bucket_ranges):  # buckets whose hooks did not all fire
-                self._launch_bucket(self.next_bucket)
+        armed = self.armed
+        if armed:
+            while self.position < len(self.order):  # buckets whose hooks did not all fire
+                self._launch_next()
         else:  # no begin_last_backward this step: reduce the whole buffer now
             self.launch_buffer(self.sync.grad_buffer)
         self.armed = False
@@ -279,3 +314,20 @@ class _OverlappedReduction:
         for buffer, work in works:
             work.wait()
             buffer.div_(world)
+        if armed and not self.order_learned:
+            self._learn_order()
+
+    def _learn_order(self) -> None:
+        """Adopt rank 0's completion order of this step's buckets (one small broadcast, once)."""
+        seen = list(dict.fromkeys(self.completed))
+        observed = seen + [b for b in range(len(self.bucket_ranges)) if b not in seen]
+        order = torch.tensor(observed, dtype=torch.int64, device=self.sync.device)
+        dist.broadcast(order, src=0)
+        self.order = order.tolist()
+        self.order_learned = True
+
+    def close(self) -> None:
+        self.reset()
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []

@@ -16,8 +16,8 @@ they are (an opaque kernel) instead of functionalizing them back into copies.
 
 Only the forward is swapped: modules stay PEFT ``lora.Linear`` instances (class swapped to a subclass), so
 adapter state dicts, ``disable_adapter()``, merging and saving are untouched. Anything the fused path does not
-cover (dropout > 0, several active adapters, DoRA and other variants, merged or disabled adapters, a trainable
-base weight) falls back to PEFT's own forward.
+cover (dropout > 0, several active adapters, DoRA and other variants, a LoRA bias, merged or disabled adapters, a
+trainable base weight) falls back to PEFT's own forward.
 """
 
 from __future__ import annotations
@@ -136,6 +136,8 @@ class FusedLoraLinear(PeftLoraLinear):
             return None
         name = self.active_adapters[0]
         if name not in self.lora_A or name in getattr(self, "lora_variant", {}):
+            return None
+        if getattr(self, "lora_bias", {}).get(name, False):  # lora_B with a bias: PEFT's forward adds it
             return None
         if not isinstance(self.lora_dropout[name], nn.Identity) and self.training:
             return None
