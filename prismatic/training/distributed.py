@@ -12,11 +12,12 @@ last micro-batch. Why:
   cannot happen: synchronization is by parameter list, not by module wrapper.
 
 By default the all-reduce runs after the backward. With ``overlap=True`` the gradient buffer is cut into
-buckets of whole parameters, in the order their gradients become final during the last backward (the buffer's
-end first: head, then the LLM, then the vision backbones), and each bucket's all-reduce is launched from
-parameter hooks as soon as it and every bucket before it are final, while the backward continues. Buckets are
-always launched in the same fixed order, so ranks issue identical collective sequences even if a parameter
-received no gradient (its bucket then waits for :meth:`GradientSynchronizer.sync_grads`).
+buckets of whole parameters and, during the step's last backward, parameter hooks launch each bucket's
+all-reduce as soon as it and every bucket before it in the launch order are final, while the backward
+continues. The launch order is the buffer's end first (head, LLM, vision) for the first step, then the order in
+which rank 0 saw the buckets complete (broadcast once). Every rank always uses the same order, so ranks issue
+identical collective sequences even if a parameter received no gradient (its bucket then waits for
+:meth:`GradientSynchronizer.sync_grads`).
 """
 
 from __future__ import annotations
