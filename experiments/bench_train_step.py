@@ -1088,20 +1088,9 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
         overlap_grad_sync=args.overlap_grad_sync,
         tag=f"_{args.tag}" if args.tag else "",
     )
-    results = []
+    results: list[dict[str, Any]] = []
     summary = parameter_summary(modules)
-    for batch_size in settings.batch_sizes:
-        batches = make_batches(batch_size, settings, ctx)
-        for variant in settings.variants:
-            flops = step_flops(dims, variant)["total"]
-            if ctx.is_main:
-                log.info("measuring %s, batch %d per rank, %d rank(s)", variant, batch_size, ctx.world_size)
-            result = measure_safely(modules, variant, batch_size, batches, settings, ctx=ctx, flops_per_sample=flops)
-            result.setdefault("variant", variant)
-            result.setdefault("batch_size", batch_size)
-            results.append(combine_ranks(result, ctx, batch_size))
-        del batches
-    return {
+    report: dict[str, Any] = {
         "benchmark": "train_step",
         "argv": list(argv),
         "command": " ".join(["python", "experiments/bench_train_step.py", *argv]),
@@ -1141,6 +1130,21 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
         },
         "results": results,
     }
+    for batch_size in settings.batch_sizes:
+        batches = make_batches(batch_size, settings, ctx)
+        for variant in settings.variants:
+            flops = step_flops(dims, variant)["total"]
+            if ctx.is_main:
+                log.info("measuring %s, batch %d per rank, %d rank(s)", variant, batch_size, ctx.world_size)
+            result = measure_safely(modules, variant, batch_size, batches, settings, ctx=ctx, flops_per_sample=flops)
+            result.setdefault("variant", variant)
+            result.setdefault("batch_size", batch_size)
+            results.append(combine_ranks(result, ctx, batch_size))
+            if ctx.is_main:  # a later configuration may time out or crash: keep what is measured
+                write_report(report, out_dir, args.tag)
+                log.info("result: %s", format_table([results[-1]]).splitlines()[-1])
+        del batches
+    return report
 
 
 def write_report(report: dict[str, Any], out_dir: Path, tag: str) -> Path:
