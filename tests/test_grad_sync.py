@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from helpers import free_port
 from torch import nn
 
-from prismatic.training.distributed import DistributedContext, GradientSynchronizer
+from prismatic.training.distributed import JOIN_LIMIT_NUMEL, DistributedContext, GradientSynchronizer
 
 WORLD = 2
 MICRO_BATCHES = 2
@@ -82,6 +82,11 @@ def _worker(rank: int, port: int, out: str) -> None:
             report[f"grads_{step}"] = sync.grad_buffer.clone()
             report[f"second_{step}"] = second.clone()
             report[f"loss_{step}"] = loss.clone()
+        # all_reduce: buffers above JOIN_LIMIT_NUMEL in place, the small ones joined; all averaged
+        big = torch.full((JOIN_LIMIT_NUMEL,), float(rank))
+        small_a, small_b = torch.full((3,), 2.0 * rank), torch.ones(2)
+        sync.all_reduce(big, small_a, small_b)
+        report["all_reduce"] = (big.unique(), small_a.unique(), small_b.unique())
         report["order"] = list(sync._overlap.order)
         sync.close()
         report["hooks_after_close"] = sum(len(p._post_accumulate_grad_hooks or {}) for p in params(model))
@@ -108,6 +113,7 @@ def test_overlapped_buckets_average_like_one_process(tmp_path: Path) -> None:
         assert report["buckets"] == 4
         assert report["order"] == [1, 2, 0, 3]  # rank 0's completion order, learned in step 0
         assert report["hooks_after_close"] == 0
+        assert [t.tolist() for t in report["all_reduce"]] == [[0.5], [1.0], [1.0]]
         for step in range(2):
             # before sync_grads: the reduce_now buffer and every bucket except the unused layer's
             assert report[f"launched_in_backward_{step}"] == report["buckets"]

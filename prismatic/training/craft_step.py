@@ -4,7 +4,7 @@ The math lives in ``craft_utils.py``; this module owns the order of operations w
 
 1. per micro-batch: f_theta from the student's bridge features, f_0 from the anchor, L_ret; the trainer
    back-propagates L_ret into a second flat buffer (``g_ret``) and L_act into the usual one (``g_act``);
-2. after the last micro-batch the trainer all-reduces both buffers (and the losses) in one collective;
+2. after the last micro-batch the trainer all-reduces both buffers (and the losses) in one call;
 3. :meth:`CraftStep.apply`: project g_act against g_ret on the *shared* prefix of the buffers (VLA
    parameters; the action head and proprio projector come after it and keep g_act), combine with the current
    lambda, then take one dual step with the globally averaged L_ret.

@@ -7,7 +7,7 @@ last micro-batch. Why:
 
 * accumulation needs no ``no_sync`` bookkeeping: micro-batches only accumulate locally;
 * CRaFT needs ``g_act`` and ``g_ret`` *both* averaged over ranks before it projects; with an explicit
-  synchronizer both go through one collective, and no second backward escapes the all-reduce;
+  synchronizer both go through the same call, and no second backward escapes the all-reduce;
 * upstream's bug (head and projector called through ``.module`` so their gradients were never reduced)
   cannot happen: synchronization is by parameter list, not by module wrapper.
 
@@ -114,13 +114,16 @@ def all_reduce_mean(tensor: torch.Tensor, ctx: DistributedContext) -> torch.Tens
     return tensor
 
 
+JOIN_LIMIT_NUMEL = 1 << 20  # buffers at least this large get their own all-reduce instead of a joined copy
+
+
 class GradientSynchronizer:
     """Owns the gradients of a fixed list of fp32 parameters as views into flat buffers.
 
     Each registered parameter's ``.grad`` is a view into one flat fp32 buffer, so autograd accumulates
     micro-batches in place and a step's all-reduce is a single collective over one contiguous tensor, with
     no flatten/unflatten copies. CRaFT binds a second buffer for ``g_ret`` (``bind``) and reduces both
-    buffers in one call. Call :meth:`zero_grad` instead of ``optimizer.zero_grad()`` (which would set the
+    buffers in the same call. Call :meth:`zero_grad` instead of ``optimizer.zero_grad()`` (which would set the
     views to ``None`` and detach them from the buffer).
     """
 
@@ -181,18 +184,26 @@ class GradientSynchronizer:
         return [hi - lo for lo, hi in zip(self.offsets[:-1], self.offsets[1:])]
 
     def all_reduce(self, *buffers: torch.Tensor) -> None:
-        """Average flat fp32 buffers over ranks, in place, with one collective (no-op for one process)."""
+        """Average flat fp32 buffers over ranks, in place (no-op for one process).
+
+        Large buffers (gradients, CRaFT's g_ret) are reduced where they are, one collective each; concatenating
+        them would copy ~2 GB twice per CRaFT step. Small ones (loss vectors) share one joined collective.
+        """
         if not self.ctx.is_distributed or not buffers:
             return
-        if len(buffers) == 1:
-            all_reduce_mean(buffers[0], self.ctx)
-            return
-        joined = torch.cat([b.reshape(-1) for b in buffers])
-        all_reduce_mean(joined, self.ctx)
-        offset = 0
-        for b in buffers:
-            b.copy_(joined[offset : offset + b.numel()].view_as(b))
-            offset += b.numel()
+        large = [b for b in buffers if b.numel() >= JOIN_LIMIT_NUMEL]
+        small = [b for b in buffers if b.numel() < JOIN_LIMIT_NUMEL]
+        for b in large:
+            all_reduce_mean(b, self.ctx)
+        if len(small) == 1:
+            all_reduce_mean(small[0], self.ctx)
+        elif small:
+            joined = torch.cat([b.reshape(-1) for b in small])
+            all_reduce_mean(joined, self.ctx)
+            offset = 0
+            for b in small:
+                b.copy_(joined[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
 
     def close(self) -> None:
         """Remove the overlap hooks from the parameters (they keep this synchronizer's buffers alive)."""
@@ -214,8 +225,8 @@ class GradientSynchronizer:
 
     def sync_grads(self, *extra: torch.Tensor) -> None:
         """Average the gradient buffer, the buffers given to :meth:`reduce_now` and ``extra`` (e.g. a loss
-        vector) over ranks, in place. Without overlap this is one collective; with it, the remaining buckets
-        and buffers are launched and every pending reduction is awaited."""
+        vector) over ranks, in place. Without overlap all of it happens here, after the backward; with it, the
+        remaining buckets and buffers are launched and every pending reduction is awaited."""
         queued, self._queued = self._queued, []
         if self._overlap is not None:
             self._overlap.finish(extra)
