@@ -5,6 +5,7 @@
 #
 #   bash experiments/run_perf_suite.sh single   # 1 GPU: eager PEFT baseline, CUDA graphs plain/cache/online
 #   bash experiments/run_perf_suite.sh multi    # 1 vs 2 GPUs, CUDA graphs, joined vs overlapped all-reduce
+#   bash experiments/run_perf_suite.sh profile  # CUDA graphs, plain + CRaFT cache with torch.profiler traces
 #
 # Budget: ~8 min for "single" on a cold machine (compilation dominates), ~9 min for "multi".
 set -uo pipefail
@@ -40,8 +41,11 @@ case "${1:-single}" in
     bench 170 graphs_2gpu_overlap torchrun --standalone --nproc-per-node 2 -- --variants plain craft_cache \
       --phase_steps 2 --overlap_grad_sync "${GRAPHS[@]}"
     ;;
+  profile)  # where do CRaFT's extra ~100 ms go (second backward, projection, the 12 ms optimizer phase)?
+    bench 420 graphs_profile python -- --variants plain craft_cache --phase_steps 2 --profile "${GRAPHS[@]}"
+    ;;
   *)
-    echo "usage: $0 single|multi" >&2
+    echo "usage: $0 single|multi|profile" >&2
     exit 2
     ;;
 esac
