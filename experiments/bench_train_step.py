@@ -69,7 +69,7 @@ from torch import nn
 
 from prismatic.extern.hf.configuration_prismatic import OpenVLAConfig, tiny_openvla_config
 from prismatic.extern.hf.modeling_prismatic import OpenVLAForActionPrediction, create_vit, feature_block_index
-from prismatic.training.compilation import COMPILE_MODES, compile_policy
+from prismatic.training.compilation import COMPILE_MODES, compile_policy, uses_cuda_graphs
 from prismatic.training.craft_step import CraftStep, OnlineAnchor
 from prismatic.training.craft_utils import CRaFTConfig, CRaFTFeatureExtractor
 from prismatic.training.distributed import (
@@ -106,6 +106,7 @@ PHASES = (
     "optimizer",
 )
 NUM_DATA_BATCHES = 4  # distinct random batches cycled through the steps
+PROFILED_STEPS = 3  # --profile: steps recorded after one profiler warm-up step
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM (and H200, same compute): dense bf16 tensor-core peak
 GIB = 1024**3
 
@@ -711,13 +712,13 @@ def phase_breakdown(
 def profile_steps(
     trainer: Trainer, batches: Sequence[dict], first_index: int, out_path: Path, device: torch.device
 ) -> dict[str, str]:
-    """torch.profiler over 1 warm-up + 3 real steps: gzipped chrome trace and an op table next to it."""
+    """torch.profiler over 1 warm-up + PROFILED_STEPS steps: gzipped chrome trace and an op table next to it."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    schedule = torch.profiler.schedule(wait=0, warmup=1, active=3, repeat=1)
+    schedule = torch.profiler.schedule(wait=0, warmup=1, active=PROFILED_STEPS, repeat=1)
     with torch.profiler.profile(activities=activities, schedule=schedule, record_shapes=False) as prof:
-        for i in range(4):
+        for i in range(1 + PROFILED_STEPS):
             index = first_index + i
             with torch.profiler.record_function(f"train_step_{index}"):
                 trainer.step([batches[index % len(batches)]], index)
@@ -736,7 +737,7 @@ def profile_steps(
     table.write_text(averages.table(sort_by=sort_by, row_limit=60))
     result: dict[str, Any] = {"trace": str(gz), "op_table": str(table)}
     if device.type == "cuda":
-        result["kernels_per_step"] = kernel_categories(averages, steps=3)
+        result["kernels_per_step"] = kernel_categories(averages, steps=PROFILED_STEPS)
     return result
 
 
@@ -936,17 +937,7 @@ def combine_ranks(result: dict[str, Any], ctx: DistributedContext, batch_size: i
 def format_table(results: Sequence[dict[str, Any]]) -> str:
     cols = ("variant", "B", "med ms", "min ms", "max ms", "samp/s", "glob/s", "peak GiB", "TFLOP/s", "MFU")
     phase_cols = ("start", "fwd", "anchor", "bwd_ret", "bwd_act", "sync", "proj", "optim", "sum")
-    phase_keys = (
-        "zero_grad",
-        "forward",
-        "anchor_forward",
-        "backward_ret",
-        "backward_act",
-        "grad_sync",
-        "craft_projection",
-        "optimizer",
-        "total",
-    )
+    phase_keys = (*PHASES, "total")
     header = " | ".join(f"{c:>9}" for c in cols + phase_cols)
     lines = [header, "-" * len(header)]
     for r in results:
@@ -1084,7 +1075,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
         peak_tflops=args.peak_tflops,
         profile=args.profile,
         out_dir=out_dir,
-        cuda_graphs=args.compile and args.compile_mode == "reduce-overhead",
+        cuda_graphs=uses_cuda_graphs(args.compile, args.compile_mode),
         overlap_grad_sync=args.overlap_grad_sync,
         tag=f"_{args.tag}" if args.tag else "",
     )

@@ -15,6 +15,11 @@ if TYPE_CHECKING:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
+def uses_cuda_graphs(compile: bool, mode: str) -> bool:
+    """Whether compiled regions replay CUDA graphs (then ``StepSettings.cuda_graphs`` must be set)."""
+    return compile and mode == "reduce-overhead"
+
+
 def compile_policy(modules: PolicyModules, vision: bool = True, mode: str = "default") -> None:
     """Compile the LLM decoder and the action head, and with ``vision`` every ViT block.
 

@@ -153,10 +153,6 @@ class GradientSynchronizer:
         self._queued: list[torch.Tensor] = []  # buffers handed to reduce_now, not yet reduced
         self._overlap = _OverlappedReduction(self, bucket_numel) if overlap and ctx.is_distributed else None
 
-    @property
-    def overlapping(self) -> bool:
-        return self._overlap is not None
-
     def new_buffer(self) -> torch.Tensor:
         """A zeroed flat fp32 buffer with one slot per registered parameter element."""
         return torch.zeros(self.numel, dtype=torch.float32, device=self.device)
@@ -191,13 +187,11 @@ class GradientSynchronizer:
         """
         if not self.ctx.is_distributed or not buffers:
             return
-        large = [b for b in buffers if b.numel() >= JOIN_LIMIT_NUMEL]
         small = [b for b in buffers if b.numel() < JOIN_LIMIT_NUMEL]
-        for b in large:
-            all_reduce_mean(b, self.ctx)
-        if len(small) == 1:
-            all_reduce_mean(small[0], self.ctx)
-        elif small:
+        for b in buffers:
+            if b.numel() >= JOIN_LIMIT_NUMEL:
+                all_reduce_mean(b, self.ctx)
+        if small:
             joined = torch.cat([b.reshape(-1) for b in small])
             all_reduce_mean(joined, self.ctx)
             offset = 0
@@ -260,13 +254,8 @@ class _OverlappedReduction:
         self.bucket_sizes = [self.param_bucket.count(b) for b in range(len(self.bucket_ranges))]
         self.order = list(range(len(self.bucket_ranges)))
         self.order_learned = False
-        self.armed = False
-        self.pending: list[int] = []
-        self.position = 0  # index into ``order`` of the next bucket to launch
-        self.completed: list[int] = []  # buckets in the order their last gradient arrived, this step
-        self.launch_log: list[tuple[int, int]] = []  # (bucket, hooks fired so far), this step
-        self.hooks_fired = 0
         self.works: list[tuple[torch.Tensor, object]] = []
+        self._start_step(armed=False)
         self.handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(sync.params)]
 
     def _hook(self, index: int):  # noqa: ANN202 - a hook closure
@@ -283,23 +272,26 @@ class _OverlappedReduction:
 
         return hook
 
+    def _start_step(self, armed: bool) -> None:
+        """Per-step bookkeeping of the hooks (``works`` is left alone)."""
+        self.armed = armed
+        self.pending = list(self.bucket_sizes)  # gradients each bucket still waits for
+        self.position = 0  # index into ``order`` of the next bucket to launch
+        self.completed: list[int] = []  # buckets in the order their last gradient arrived
+        self.launch_log: list[tuple[int, int]] = []  # (bucket, hooks fired so far)
+        self.hooks_fired = 0
+
     def arm(self) -> None:
         if self.sync._bound is not self.sync.grad_buffer:
             raise RuntimeError("begin_last_backward: the gradient buffer must be bound")
-        # works may already hold this step's reduce_now buffers (g_ret): keep them; zero_grad cleared the rest
-        self.armed = True
-        self.pending = list(self.bucket_sizes)
-        self.completed, self.launch_log = [], []
-        self.position = self.hooks_fired = 0
+        self._start_step(armed=True)  # works may already hold this step's reduce_now buffers (g_ret): keep them
 
     def reset(self) -> None:
         """Forget a step that did not reach :meth:`finish` (an exception): wait out its collectives, disarm."""
         for _, work in self.works:
             work.wait()
         self.works = []
-        self.armed = False
-        self.pending, self.completed, self.launch_log = [], [], []
-        self.position = self.hooks_fired = 0
+        self._start_step(armed=False)
 
     def _launch_next(self) -> None:
         bucket = self.order[self.position]
@@ -331,8 +323,7 @@ class _OverlappedReduction:
 
     def _learn_order(self) -> None:
         """Adopt rank 0's completion order of this step's buckets (one small broadcast, once)."""
-        seen = list(dict.fromkeys(self.completed))
-        observed = seen + [b for b in range(len(self.bucket_ranges)) if b not in seen]
+        observed = self.completed + [b for b in range(len(self.bucket_ranges)) if b not in self.completed]
         order = torch.tensor(observed, dtype=torch.int64, device=self.sync.device)
         dist.broadcast(order, src=0)
         self.order = order.tolist()

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from prismatic.training.compilation import COMPILE_MODES
+from prismatic.training.compilation import COMPILE_MODES, uses_cuda_graphs
 from prismatic.training.craft_utils import CRaFTConfig
 
 DATA_SOURCES = ("rlds", "synthetic")
@@ -134,7 +134,7 @@ class FinetuneConfig(CraftFlags):
     @property
     def cuda_graphs(self) -> bool:
         """Compiled regions replay CUDA graphs (only on a GPU; on the CPU the mode compiles without graphs)."""
-        return self.compile and self.compile_mode == "reduce-overhead"
+        return uses_cuda_graphs(self.compile, self.compile_mode)
 
     @property
     def batch_length_multiple(self) -> int:
