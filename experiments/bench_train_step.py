@@ -82,7 +82,7 @@ from prismatic.training.distributed import (
 )
 from prismatic.training.lr_schedule import build_scheduler
 from prismatic.training.model_setup import StartPoint, base_model, build_policy
-from prismatic.training.trainer import PolicyModules, StepSettings, Trainer, move_batch
+from prismatic.training.trainer import PolicyModules, StepSettings, Trainer, move_batch, optimizer_step_unless
 from prismatic.vla.constants import LIBERO, NUM_PATCHES_PER_IMAGE, NUM_TOKENS, PlatformConstants
 from prismatic.vla.datasets.torch_source import random_batch
 
@@ -104,6 +104,7 @@ PHASES = (
     "grad_sync",
     "craft_projection",
     "optimizer",
+    "craft_dual",
 )
 NUM_DATA_BATCHES = 4  # distinct random batches cycled through the steps
 PROFILED_STEPS = 3  # --profile: steps recorded after one profiler warm-up step
@@ -579,7 +580,7 @@ class StepTimes:
 
 
 def check_finite(metrics: dict[str, float], step_index: int) -> None:
-    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v) or (k == "skipped_update" and v)}
     if bad:
         raise FloatingPointError(f"non-finite metrics at step {step_index}: {bad}")
 
@@ -675,16 +676,23 @@ def instrumented_step(
     loss_vec = torch.stack([sums[k] for k in names])
     sync.sync_grads(loss_vec)
     metrics = dict(zip(names, loss_vec.unbind()))
+    nonfinite = ~torch.isfinite(loss_vec).all()
+    retention = metrics.pop("retention_loss", None)
     mark("grad_sync")
     if craft is not None:
-        metrics.update(craft.apply(sync, metrics.pop("retention_loss")))
+        metrics.update(craft.apply(sync, retention))
         mark("craft_projection")
     if t.settings.max_grad_norm > 0:
         metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(sync.params, t.settings.max_grad_norm)
+        nonfinite = nonfinite | ~torch.isfinite(metrics["grad_norm"])
     metrics["lr"] = torch.tensor(t.scheduler.get_last_lr()[0], dtype=torch.float64)
-    t.optimizer.step()
+    metrics["skipped_update"] = nonfinite
+    optimizer_step_unless(t.optimizer, nonfinite)
     t.scheduler.step()
     mark("optimizer")
+    if craft is not None:
+        metrics.update(craft.finish_step(retention))
+        mark("craft_dual")
     clock.sync()
     phases: dict[str, float] = {}
     for (_, start), (label, end) in zip(marks[:-1], marks[1:]):
@@ -727,6 +735,7 @@ def profile_steps(
             prof.step()
     raw = out_path.with_suffix(".json")
     prof.export_chrome_trace(str(raw))
+    timeline = trace_timeline(json.loads(raw.read_text()), steps=PROFILED_STEPS)
     gz = out_path.with_suffix(".json.gz")
     with raw.open("rb") as src, gzip.open(gz, "wb") as dst:
         shutil.copyfileobj(src, dst)
@@ -735,10 +744,76 @@ def profile_steps(
     averages = prof.key_averages()
     table = out_path.with_suffix(".ops.txt")
     table.write_text(averages.table(sort_by=sort_by, row_limit=60))
-    result: dict[str, Any] = {"trace": str(gz), "op_table": str(table)}
+    result: dict[str, Any] = {"trace": str(gz), "op_table": str(table), "timeline": timeline}
     if device.type == "cuda":
         result["kernels_per_step"] = kernel_categories(averages, steps=PROFILED_STEPS)
     return result
+
+
+GPU_EVENT_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def trace_timeline(trace: dict, steps: int, top: int = 25) -> dict[str, Any]:
+    """Where the GPU sits idle in a profiled step, from the chrome trace's device events.
+
+    Per step (one ``train_step_*`` GPU annotation each; the profiled steps are separated by a host sync):
+    span = first kernel start to last kernel end, busy = union of kernel intervals, idle = span - busy, and
+    the kernel count. Over all steps: the longest idle gaps (with the kernels on both sides) and the kernels
+    with the most total time and the most launches. Names are cut to 100 characters.
+    """
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    kernels = sorted((e for e in events if e.get("cat") in GPU_EVENT_CATEGORIES), key=lambda e: e["ts"])
+    windows = sorted(
+        (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("cat") == "gpu_user_annotation" and str(e.get("name", "")).startswith("train_step_")
+    )
+    if not windows and kernels:
+        windows = [(kernels[0]["ts"], kernels[-1]["ts"] + kernels[-1]["dur"])]
+    per_step, gaps = [], []
+    for lo, hi in windows[-steps:]:
+        inside = [k for k in kernels if lo <= k["ts"] < hi]
+        if not inside:
+            continue
+        busy, end = 0.0, inside[0]["ts"]
+        for prev, k in zip([None, *inside[:-1]], inside):
+            start, stop = max(k["ts"], end), k["ts"] + k["dur"]
+            if k["ts"] > end and prev is not None:
+                gaps.append((k["ts"] - end, prev["name"][:100], k["name"][:100]))
+            busy += max(0.0, stop - start)
+            end = max(end, stop)
+        span = end - inside[0]["ts"]
+        per_step.append({"span_ms": span / 1e3, "busy_ms": busy / 1e3, "idle_ms": (span - busy) / 1e3,
+                         "kernels": len(inside)})  # fmt: skip
+    totals: dict[str, list[float]] = {}
+    for k in kernels:
+        entry = totals.setdefault(k["name"][:100], [0.0, 0])
+        entry[0] += k["dur"] / 1e3
+        entry[1] += 1
+    n = max(1, len(per_step))
+    by_time = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    by_count = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
+    return {
+        "per_step": per_step,
+        "longest_idle_gaps_us": [
+            {"us": round(g, 1), "after": a, "before": b} for g, a, b in sorted(gaps, reverse=True)[:top]
+        ],
+        "top_kernels_by_time": [{"name": k, "ms_per_step": v[0] / n, "count_per_step": v[1] / n} for k, v in by_time],
+        "top_kernels_by_count": [{"name": k, "ms_per_step": v[0] / n, "count_per_step": v[1] / n} for k, v in by_count],
+    }
+
+
+def print_timeline(timeline: dict[str, Any], rows: int = 12) -> None:
+    for step in timeline["per_step"]:
+        print(f"  step: span {step['span_ms']:.1f} ms, busy {step['busy_ms']:.1f}, idle {step['idle_ms']:.1f}, "
+              f"{step['kernels']} kernels")  # fmt: skip
+    print("  longest idle gaps (us, after -> before):")
+    for g in timeline["longest_idle_gaps_us"][:rows]:
+        print(f"    {g['us']:8.1f}  {g['after'][:60]} -> {g['before'][:60]}")
+    for key in ("top_kernels_by_time", "top_kernels_by_count"):
+        print(f"  {key} (ms/step, launches/step):")
+        for k in timeline[key][:rows]:
+            print(f"    {k['ms_per_step']:7.2f} {k['count_per_step']:7.0f}  {k['name'][:90]}")
 
 
 KERNEL_CATEGORIES = (  # first match wins; names of cuBLAS/cuDNN/flash/triton/ATen kernels, lower-cased
@@ -936,7 +1011,7 @@ def combine_ranks(result: dict[str, Any], ctx: DistributedContext, batch_size: i
 # ================================================================================================================
 def format_table(results: Sequence[dict[str, Any]]) -> str:
     cols = ("variant", "B", "med ms", "min ms", "max ms", "samp/s", "glob/s", "peak GiB", "TFLOP/s", "MFU")
-    phase_cols = ("start", "fwd", "anchor", "bwd_ret", "bwd_act", "sync", "proj", "optim", "sum")
+    phase_cols = ("start", "fwd", "anchor", "bwd_ret", "bwd_act", "sync", "proj", "optim", "dual", "sum")
     phase_keys = (*PHASES, "total")
     header = " | ".join(f"{c:>9}" for c in cols + phase_cols)
     lines = [header, "-" * len(header)]
@@ -1166,6 +1241,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if kernels:
                     print(f"\nGPU kernels per step, {r['variant']} b{r['batch_size']} (profiled, ms / launches):")
                     print("  " + ", ".join(f"{k} {v['ms']:.1f}/{v['launches']:.0f}" for k, v in kernels.items()))
+                timeline = r.get("profile", {}).get("timeline")
+                if timeline:
+                    print_timeline(timeline)
             print(f"\nwrote {path}")
     except BaseException:
         abort_distributed(ctx)

@@ -125,9 +125,11 @@ def test_smoke_run_writes_a_complete_report(tmp_path: Path) -> None:
         assert phases["total"] == pytest.approx(sum(v for k, v in phases.items() if k != "total"), rel=1e-9)
         if variant == "plain":
             assert phases["backward_ret"] == phases["anchor_forward"] == phases["craft_projection"] == 0.0
+            assert phases["craft_dual"] == 0.0
         else:
             _assert_positive(phases["backward_ret"], f"{variant} backward_ret")
             _assert_positive(phases["craft_projection"], f"{variant} craft_projection")
+            _assert_positive(phases["craft_dual"], f"{variant} craft_dual")
             assert math.isfinite(r["last_metrics"]["craft/retention_loss"])
     _assert_positive(results["craft_online"]["phases_ms"]["anchor_forward"], "online anchor_forward")
     assert {r["grad_buffer_numel"] for r in results.values()} == {model["trainable_params"]}
@@ -255,3 +257,34 @@ def test_two_ranks_report_per_rank_and_global_throughput(tmp_path: Path) -> None
         assert rate == pytest.approx(1 / (ms / 1e3), rel=1e-12)
     # The ranks move in lock step (one all-reduce per step): global rate is set by the slower rank.
     assert r["global_samples_per_s"] == pytest.approx(2 / (max(medians) / 1e3), rel=1e-12)
+
+
+def test_trace_timeline_finds_idle_time_and_gaps(bench: ModuleType) -> None:
+    """Two annotated steps of overlapping kernels: union busy time, idle gaps and per-name totals."""
+
+    def kernel(name: str, ts: float, dur: float) -> dict:
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}
+
+    trace = {
+        "traceEvents": [
+            {"ph": "X", "cat": "gpu_user_annotation", "name": "train_step_7", "ts": 0.0, "dur": 1000.0},
+            {"ph": "X", "cat": "gpu_user_annotation", "name": "train_step_8", "ts": 2000.0, "dur": 1000.0},
+            {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 10.0, "dur": 5000.0},  # host op: ignored
+            kernel("gemm", 100.0, 300.0),  # busy 100-400
+            kernel("add", 350.0, 100.0),  # overlaps: busy 400-450
+            kernel("add", 500.0, 50.0),  # 50 us gap after 450
+            kernel("gemm", 2000.0, 400.0),
+            kernel("add", 2600.0, 100.0),  # 200 us gap
+        ]
+    }
+    t = bench.trace_timeline(trace, steps=2)
+    assert t["per_step"] == [
+        {"span_ms": 0.45, "busy_ms": 0.4, "idle_ms": pytest.approx(0.05), "kernels": 3},
+        {"span_ms": 0.7, "busy_ms": 0.5, "idle_ms": pytest.approx(0.2), "kernels": 2},
+    ]
+    assert [(g["us"], g["after"], g["before"]) for g in t["longest_idle_gaps_us"]] == [
+        (200.0, "gemm", "add"),
+        (50.0, "add", "add"),
+    ]
+    assert t["top_kernels_by_time"][0] == {"name": "gemm", "ms_per_step": 0.35, "count_per_step": 1.0}
+    assert t["top_kernels_by_count"][0] == {"name": "add", "ms_per_step": 0.125, "count_per_step": 1.5}

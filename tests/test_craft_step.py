@@ -102,12 +102,17 @@ def make_policy(base: OpenVLAForActionPrediction, lora_b_scale: float) -> Policy
     return modules
 
 
-def make_setup(base: OpenVLAForActionPrediction, craft_config: CRaFTConfig | None, lora_b_scale: float = 0.0) -> Setup:
-    """The policy of :func:`make_policy` in a single-process Trainer (constant LR), CRaFT on if configured."""
+def make_setup(
+    base: OpenVLAForActionPrediction, craft_config: CRaFTConfig | None, lora_b_scale: float = 0.0, fused: bool = False
+) -> Setup:
+    """The policy of :func:`make_policy` in a single-process Trainer (constant LR), CRaFT on if configured.
+
+    ``fused``: fused AdamW (finetune.py's CUDA optimizer, which skips non-finite steps on the device)."""
     start_model = copy.deepcopy(base).eval().requires_grad_(False)
     modules = make_policy(base, lora_b_scale)
     sync = GradientSynchronizer(modules.trainable_parameters(), CTX)
-    optimizer = RecordingAdamW(sync.params, lr=LR, weight_decay=WEIGHT_DECAY, eps=ADAM_EPS, foreach=True)
+    kind = {"fused": True} if fused else {"foreach": True}
+    optimizer = RecordingAdamW(sync.params, lr=LR, weight_decay=WEIGHT_DECAY, eps=ADAM_EPS, **kind)
     scheduler = build_scheduler(optimizer, warmup_steps=0, num_steps_before_decay=10**9)  # constant LR
     craft = None
     if craft_config is not None:
@@ -435,15 +440,58 @@ class NaNAnchor:
         return torch.full_like(self.inner.features(b, device), math.nan)
 
 
-def test_nan_retention_loss_stops_the_step(base: OpenVLAForActionPrediction) -> None:
-    setup = make_setup(base, CRaFTConfig(), lora_b_scale=LORA_B_SCALE)
-    setup.craft.anchor = NaNAnchor(setup.craft.anchor)
+def optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [t.detach().clone() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach_host_skip", "fused_device_skip"])
+def test_nan_retention_loss_stops_the_step(base: OpenVLAForActionPrediction, fused: bool) -> None:
+    """A NaN L_ret raises after the step, having changed nothing: weights, AdamW state and lambda. The next
+    (finite) step then equals the first step of a fresh run, bit for bit."""
+    setup = make_setup(base, CRaFTConfig(retention_budget=0.0), lora_b_scale=LORA_B_SCALE, fused=fused)
+    good_anchor = setup.craft.anchor
+    setup.craft.anchor = NaNAnchor(good_anchor)
     params = setup.modules.trainable_parameters()
     before = [p.detach().clone() for p in params]
     with pytest.raises(ValueError, match=r"mean retention loss must be finite, got nan at dual step 0"):
         setup.trainer.step([batch(1)], step_index=0)
-    assert setup.optimizer.records == [], "the optimizer must not step on a NaN retention loss"
+    if fused:  # the fused optimizer is called, with found_inf set, and leaves everything as it was
+        assert len(setup.optimizer.records) == 1
+        assert not hasattr(setup.optimizer, "found_inf")
+        assert all(float(t.abs().max()) == 0.0 for t in optimizer_state(setup.optimizer)), "moments/steps moved"
+    else:
+        assert setup.optimizer.records == [], "the optimizer must not step on a NaN retention loss"
     assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert setup.craft.dual.num_steps == 0
+    assert setup.craft.dual.lambda_dual == 0.0
+
+    setup.craft.anchor = good_anchor
+    metrics = setup.trainer.step([batch(2)], step_index=1)
+    fresh = make_setup(base, CRaFTConfig(retention_budget=0.0), lora_b_scale=LORA_B_SCALE, fused=fused)
+    fresh_metrics = fresh.trainer.step([batch(2)], step_index=1)
+    assert float(metrics["skipped_update"]) == 0.0
+    assert float(metrics["craft/lambda_next"]) == float(fresh_metrics["craft/lambda_next"]) > 0.0
+    after, fresh_after = setup.modules.trainable_parameters(), fresh.modules.trainable_parameters()
+    assert all(torch.equal(p, q) for p, q in zip(after, fresh_after))
+    assert all(torch.equal(a, b) for a, b in zip(optimizer_state(setup.optimizer), optimizer_state(fresh.optimizer)))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach_host_skip", "fused_device_skip"])
+def test_nan_action_loss_skips_the_update(base: OpenVLAForActionPrediction, fused: bool) -> None:
+    """Plain training: a NaN action target gives a NaN loss; the step reports it and updates nothing."""
+    setup = make_setup(base, None, fused=fused)
+    params = setup.modules.trainable_parameters()
+    before = [p.detach().clone() for p in params]
+    bad = batch(3)
+    bad["actions"] = torch.full_like(bad["actions"], math.nan)
+    metrics = setup.trainer.step([bad], step_index=0)
+    assert float(metrics["skipped_update"]) == 1.0
+    assert math.isnan(float(metrics["loss"]))
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert all(float(t.abs().max()) == 0.0 for t in optimizer_state(setup.optimizer))
+    metrics = setup.trainer.step([batch(4)], step_index=1)
+    assert float(metrics["skipped_update"]) == 0.0
+    assert any(not torch.equal(p, q) for p, q in zip(params, before)), "a finite step must update"
 
 
 # ----------------------------------------------------------------------------------------- budget study --

@@ -169,8 +169,11 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
             t0 = time.perf_counter()
             metrics = trainer.step(next(stream), step)
             values = {k: float(v) for k, v in metrics.items()}  # the step's one host sync
-            if not math.isfinite(values["loss"]) or not math.isfinite(values.get("craft/retention_loss", 0.0)):
-                raise FloatingPointError(f"non-finite loss at step {step + 1}: {values}")
+            if values.pop("skipped_update") or not math.isfinite(values["loss"]):
+                raise FloatingPointError(
+                    f"non-finite loss or gradient at step {step + 1}: its update was skipped (weights and optimizer "
+                    f"state are those after step {step}; checkpoints in {run_dir}). Values: {values}"
+                )
             values["samples_per_s"] = global_batch / (time.perf_counter() - t0)
             if cfg.val_freq and (step + 1) % cfg.val_freq == 0:
                 values.update({k: float(v) for k, v in trainer.evaluate(data.val_batches()).items()})

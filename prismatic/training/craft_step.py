@@ -7,7 +7,8 @@ The math lives in ``craft_utils.py``; this module owns the order of operations w
 2. after the last micro-batch the trainer all-reduces both buffers (and the losses) in one call;
 3. :meth:`CraftStep.apply`: project g_act against g_ret on the *shared* prefix of the buffers (VLA
    parameters; the action head and proprio projector come after it and keep g_act), combine with the current
-   lambda, then take one dual step with the globally averaged L_ret.
+   lambda;
+4. after ``optimizer.step()``, :meth:`CraftStep.finish_step`: one dual step with the globally averaged L_ret.
 """
 
 from __future__ import annotations
@@ -138,12 +139,17 @@ class CraftStep:
         lambda_used = self.dual.lambda_dual
         if lambda_used != 0.0:
             g_act.add_(g_ret, alpha=lambda_used)
-        lambda_next = self.dual.step(mean_retention_loss)  # one host sync per step
         metrics = {f"craft/{k}": v for k, v in stats.items()}
         metrics["craft/retention_loss"] = mean_retention_loss
         metrics["craft/lambda"] = torch.tensor(lambda_used, dtype=torch.float64)
-        metrics["craft/lambda_next"] = torch.tensor(lambda_next, dtype=torch.float64)
         return metrics
+
+    def finish_step(self, mean_retention_loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Dual ascent with this step's L_ret, for the next step's lambda. Reads L_ret on the host (the
+        step's one sync), so the trainer calls it after ``optimizer.step()``; raises on a non-finite L_ret
+        (the trainer has skipped that update)."""
+        lambda_next = self.dual.step(mean_retention_loss)
+        return {"craft/lambda_next": torch.tensor(lambda_next, dtype=torch.float64)}
 
     # --- resume ---
     def state_dict(self) -> dict:

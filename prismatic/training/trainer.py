@@ -5,8 +5,11 @@ produce the same update (up to float reassociation): every loss is a per-sample 
 backward is scaled by 1/accumulation, and the synchronizer averages over ranks.
 
 CRaFT plugs in through :class:`CraftHooks` (``prismatic/training/craft_step.py``): it supplies the anchor
-features, takes the retention gradients into a second buffer, and rewrites the shared-parameter gradients
-between the all-reduce and ``optimizer.step()``.
+features, takes the retention gradients into a second buffer, rewrites the shared-parameter gradients
+between the all-reduce and ``optimizer.step()``, and takes its dual step after the update.
+
+A step with a non-finite loss (or gradient norm) leaves weights and optimizer state untouched: fused
+optimizers skip the update on the device, so nothing waits for the host before ``optimizer.step()``.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class CraftHooks(Protocol):
 
     def apply(self, sync: GradientSynchronizer, mean_retention_loss: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
+    def finish_step(self, mean_retention_loss: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
 
 @dataclass(frozen=True)
 class StepSettings:
@@ -86,6 +91,23 @@ def action_l1_losses(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torc
     """
     err = (pred.float() - target.float()).abs()
     return {"loss": err.mean(), "l1_current": err[:, 0].mean(), "l1_next": err[:, 1:].mean()}
+
+
+def optimizer_step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()`` unless the 0-dim bool ``skip`` is true; weights and state stay as they were then.
+
+    Fused Adam/AdamW skip on the device through the ``found_inf`` input they read for ``GradScaler``
+    (parameters, moments and step counts untouched), so no host sync precedes the update. Other optimizers
+    read ``skip`` on the host first.
+    """
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bool(skip):
+        optimizer.step()
 
 
 class Trainer:
@@ -182,13 +204,20 @@ class Trainer:
         loss_vec = torch.stack([sums[k] for k in names])
         self.sync.sync_grads(loss_vec)  # grads (+ g_ret) + losses, averaged over ranks
         metrics = dict(zip(names, loss_vec.unbind()))
+        nonfinite = ~torch.isfinite(loss_vec).all()  # rank-averaged: every rank decides alike
+        retention = metrics.pop("retention_loss", None)
         if self.craft is not None:
-            metrics.update(self.craft.apply(self.sync, metrics.pop("retention_loss")))
+            metrics.update(self.craft.apply(self.sync, retention))
         if self.settings.max_grad_norm > 0:
             metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.sync.params, self.settings.max_grad_norm)
+            nonfinite = nonfinite | ~torch.isfinite(metrics["grad_norm"])
         metrics["lr"] = torch.tensor(self.scheduler.get_last_lr()[0], dtype=torch.float64)  # LR of this update
-        self.optimizer.step()
+        metrics["skipped_update"] = nonfinite
+        optimizer_step_unless(self.optimizer, nonfinite)
         self.scheduler.step()
+        if self.craft is not None:
+            # The dual step reads L_ret on the host; after the update, so the GPU is never left waiting.
+            metrics.update(self.craft.finish_step(retention))
         return metrics
 
     @torch.no_grad()
