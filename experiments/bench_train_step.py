@@ -517,11 +517,12 @@ def make_trainer(
     seed: int = 0,
     cuda_graphs: bool = False,
     overlap_grad_sync: bool = False,
+    collect_grads: bool = True,
 ) -> Trainer:
     """A fresh synchronizer, optimizer, schedule and (for CRaFT) anchor + hooks, wired as finetune.py does."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    sync = GradientSynchronizer(modules.trainable_parameters(), ctx, overlap=overlap_grad_sync)
+    sync = GradientSynchronizer(modules.trainable_parameters(), ctx, overlap=overlap_grad_sync, collect=collect_grads)
     cuda = ctx.device.type == "cuda"
     optimizer = torch.optim.AdamW(sync.params, lr=learning_rate, fused=cuda, foreach=None if cuda else True)
     scheduler = build_scheduler(optimizer, warmup_steps=0, num_steps_before_decay=10**9)
@@ -877,6 +878,7 @@ class BenchSettings:
     out_dir: Path
     cuda_graphs: bool = False
     overlap_grad_sync: bool = False
+    collect_grads: bool = True
     tag: str = ""
 
 
@@ -927,6 +929,7 @@ def measure(
         seed=settings.seed,
         cuda_graphs=settings.cuda_graphs,
         overlap_grad_sync=settings.overlap_grad_sync,
+        collect_grads=settings.collect_grads,
     )
     if cuda:
         torch.cuda.synchronize()
@@ -1091,6 +1094,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES, help="torch.compile mode")
     p.add_argument("--compile_vision", action="store_true", help="with --compile: also compile each ViT block")
     p.add_argument("--overlap_grad_sync", action="store_true", help="bucketed all-reduce during the backward")
+    p.add_argument("--grads_into_views", action="store_true", help="accumulate into buffer views (no collect mode)")
     p.add_argument("--peft_lora", action="store_true", help="PEFT's LoRA forward instead of fused_lora's")
     p.add_argument("--profile", action="store_true", help="chrome trace of 3 steps per configuration")
     p.add_argument("--out_dir", default=os.environ.get("OUT") or "bench_out")
@@ -1152,6 +1156,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
         out_dir=out_dir,
         cuda_graphs=uses_cuda_graphs(args.compile, args.compile_mode),
         overlap_grad_sync=args.overlap_grad_sync,
+        collect_grads=not args.grads_into_views,
         tag=f"_{args.tag}" if args.tag else "",
     )
     results: list[dict[str, Any]] = []
@@ -1176,6 +1181,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
             "compile_mode": args.compile_mode if args.compile else None,
             "lora_forward": "peft" if args.peft_lora else "fused",
             "overlap_grad_sync": args.overlap_grad_sync,
+            "collect_grads": not args.grads_into_views,
             **summary,
         },
         "settings": {

@@ -128,3 +128,68 @@ def test_overlapped_buckets_average_like_one_process(tmp_path: Path) -> None:
             torch.testing.assert_close(report[f"second_{step}"], torch.full_like(expected, 1.5))
             torch.testing.assert_close(report[f"loss_{step}"], torch.tensor([0.5]))
     torch.testing.assert_close(reports[0]["grads_1"], reports[1]["grads_1"], rtol=0, atol=0)
+
+
+def _one_process_step(sync: GradientSynchronizer, model: nn.Module, second: torch.Tensor) -> list[torch.Tensor]:
+    """Two micro-batches into grad_buffer, each preceded by a backward into ``second`` (CRaFT's pattern)."""
+    seen_during_backward = []
+    for buffer in (sync.grad_buffer, second):
+        buffer.fill_(float("nan"))  # stale contents: clearing must remove them, memset or not
+    sync.zero_grad()
+    sync.clear(second)
+    for micro in range(MICRO_BATCHES):
+        x, y = data(0, micro)
+        out = model(x)
+        sync.bind(second)
+        (out.square().mean() / MICRO_BATCHES).backward(retain_graph=True)
+        sync.bind(sync.grad_buffer)
+        seen_during_backward.append(model.body[0].weight.grad)
+        ((out - y).square().mean() / MICRO_BATCHES).backward()
+    sync.sync_grads()
+    return seen_during_backward
+
+
+@pytest.mark.parametrize("micro_batches_steps", [1, 3])
+def test_collect_mode_equals_accumulating_into_views(micro_batches_steps: int) -> None:
+    """collect mode (``.grad`` None in the backward, one foreach copy/add after it, no memset) sums exactly
+    what accumulating into zeroed buffer views sums, for two buffers, micro-batches, a parameter without
+    gradient (its slot must be zeroed, not left stale) and repeated steps; afterwards ``.grad`` are views of
+    the gradient buffer (what the optimizer and clipping read)."""
+    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    results = {}
+    for collect in (False, True):
+        model = make_model()
+        sync = GradientSynchronizer(params(model), ctx, collect=collect)
+        assert sync.collect is collect
+        second = sync.new_buffer()
+        for _ in range(micro_batches_steps):
+            during = _one_process_step(sync, model, second)
+        assert all((g is None) == collect for g in during), "collect mode leaves .grad empty during the backward"
+        for p, view in zip(sync.params, sync.views(sync.grad_buffer)):
+            assert p.grad is not None
+            assert p.grad.data_ptr() == view.data_ptr()
+        results[collect] = (sync.grad_buffer.clone(), second.clone())
+    assert torch.equal(results[True][0], results[False][0])
+    assert torch.equal(results[True][1], results[False][1])
+    n_unused = sum(p.numel() for p in make_model().unused.parameters())
+    assert results[True][0][:n_unused].abs().max() == 0  # no gradient reached it: zero, not stale
+    assert results[True][0][n_unused:].abs().max() > 0
+
+
+def test_collect_mode_backward_after_sync_adds_once() -> None:
+    """A backward between sync_grads and zero_grad accumulates into the attached views, once; binding another
+    buffer afterwards neither adds the gradients again nor leaves them attached."""
+    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    model = make_model()
+    sync = GradientSynchronizer(params(model), ctx)
+    x, y = data(0, 0)
+    sync.zero_grad()
+    (model(x) - y).square().mean().backward()
+    sync.sync_grads()
+    once = sync.grad_buffer.clone()
+    (model(x) - y).square().mean().backward()  # in place, into the views
+    other = sync.new_buffer()
+    sync.bind(other)
+    torch.testing.assert_close(sync.grad_buffer, 2 * once, rtol=1e-6, atol=0)
+    assert all(p.grad is None for p in sync.params)
+    assert other.abs().max() == 0

@@ -114,7 +114,7 @@ class CraftStep:
 
     # --- trainer hooks ---
     def begin_step(self, sync: GradientSynchronizer) -> None:
-        self.g_ret.zero_()
+        sync.clear(self.g_ret)
 
     def retention_grad_buffer(self) -> torch.Tensor:
         return self.g_ret

@@ -118,13 +118,23 @@ JOIN_LIMIT_NUMEL = 1 << 20  # buffers at least this large get their own all-redu
 
 
 class GradientSynchronizer:
-    """Owns the gradients of a fixed list of fp32 parameters as views into flat buffers.
+    """Owns the gradients of a fixed list of fp32 parameters in flat buffers.
 
-    Each registered parameter's ``.grad`` is a view into one flat fp32 buffer, so autograd accumulates
-    micro-batches in place and a step's all-reduce is a single collective over one contiguous tensor, with
-    no flatten/unflatten copies. CRaFT binds a second buffer for ``g_ret`` (``bind``) and reduces both
-    buffers in the same call. Call :meth:`zero_grad` instead of ``optimizer.zero_grad()`` (which would set the
-    views to ``None`` and detach them from the buffer).
+    A step's gradients end up in one flat fp32 buffer, so the all-reduce is a single collective over one
+    contiguous tensor and the optimizer and CRaFT see each parameter's ``.grad`` as a view into it. CRaFT
+    binds a second buffer for ``g_ret`` (:meth:`bind`) and reduces both buffers in the same call. Call
+    :meth:`zero_grad` instead of ``optimizer.zero_grad()``.
+
+    How a backward's gradients reach the bound buffer (same sums, bit for bit):
+
+    * ``collect`` mode (default without overlap): during the backward ``.grad`` is ``None``, so autograd hands
+      each parameter its fresh gradient tensor without a kernel; the next :meth:`bind` or :meth:`sync_grads`
+      adds them all into the buffer with one ``_foreach_add_`` (a handful of launches; a copy, and no memset
+      before it, for the first backward into a :meth:`clear`-ed buffer). Accumulating into
+      views instead costs one add kernel per parameter and backward: ~1,100 tiny kernels a step for the
+      full model's 800 LoRA/head tensors (docs/BENCHMARKS.md, log item 15).
+    * ``views`` mode (overlap): ``.grad`` is a view into the buffer during the backward, autograd accumulates
+      in place, and the overlap hooks reduce buckets of the buffer as they become final.
     """
 
     def __init__(
@@ -133,6 +143,7 @@ class GradientSynchronizer:
         ctx: DistributedContext,
         overlap: bool = False,
         bucket_numel: int = 25_000_000,
+        collect: bool = True,
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
         bad = [tuple(p.shape) for p in self.params if p.dtype != torch.float32]
@@ -148,29 +159,93 @@ class GradientSynchronizer:
         for p in self.params:
             self.offsets.append(self.offsets[-1] + p.numel())
         self.grad_buffer = self.new_buffer()
+        self._views: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # id(buffer) -> (buffer, views)
+        self._overlap = _OverlappedReduction(self, bucket_numel) if overlap and ctx.is_distributed else None
+        self.collect = collect and self._overlap is None
+        self._attached = False  # collect mode: .grad are views of grad_buffer (after sync_grads)
+        self._cleared: set[int] = set()  # collect mode: ids of buffers that are logically zero (see clear)
         self._bound: torch.Tensor | None = None
         self.bind(self.grad_buffer)
         self._queued: list[torch.Tensor] = []  # buffers handed to reduce_now, not yet reduced
-        self._overlap = _OverlappedReduction(self, bucket_numel) if overlap and ctx.is_distributed else None
 
     def new_buffer(self) -> torch.Tensor:
         """A zeroed flat fp32 buffer with one slot per registered parameter element."""
         return torch.zeros(self.numel, dtype=torch.float32, device=self.device)
 
+    def views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter's slice of ``buffer``, shaped like the parameter (made once per buffer)."""
+        cached = self._views.get(id(buffer))
+        if cached is None or cached[0] is not buffer:
+            if buffer.numel() != self.numel:
+                raise ValueError(f"buffer has {buffer.numel()} elements, expected {self.numel}")
+            views = [buffer[lo:hi].view_as(p) for p, lo, hi in zip(self.params, self.offsets[:-1], self.offsets[1:])]
+            cached = self._views[id(buffer)] = (buffer, views)
+        return cached[1]
+
     def bind(self, buffer: torch.Tensor) -> None:
-        """Point every parameter's ``.grad`` at its slice of ``buffer``; backward then accumulates there."""
-        if buffer.numel() != self.numel:
-            raise ValueError(f"buffer has {buffer.numel()} elements, expected {self.numel}")
-        for p, lo, hi in zip(self.params, self.offsets[:-1], self.offsets[1:]):
-            p.grad = buffer[lo:hi].view_as(p)
+        """Make ``buffer`` where the next backward's gradients accumulate (after collecting the previous
+        backward's into the buffer bound before)."""
+        views = self.views(buffer)
+        if self.collect:
+            self._collect()
+            self._detach()
+        else:
+            for p, v in zip(self.params, views):
+                p.grad = v
         self._bound = buffer
 
+    def _collect(self) -> None:
+        """collect mode: add the gradients autograd left in ``.grad`` into the bound buffer; ``.grad`` -> None.
+
+        After :meth:`sync_grads` attached the buffer's views, a backward accumulates into them in place:
+        nothing to add then."""
+        if self._bound is None or self._attached:
+            return
+        views = self.views(self._bound)
+        targets = [v for p, v in zip(self.params, views) if p.grad is not None]
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if id(self._bound) in self._cleared:  # logically zero: overwrite, and zero what got no gradient
+            self._cleared.discard(id(self._bound))
+            if targets:
+                torch._foreach_copy_(targets, grads)
+            missing = [v for p, v in zip(self.params, views) if p.grad is None]
+            if missing:
+                torch._foreach_zero_(missing)
+        elif targets:
+            torch._foreach_add_(targets, grads)
+        self._detach()
+
+    def clear(self, buffer: torch.Tensor) -> None:
+        """Zero ``buffer`` for a new step. In collect mode no memset: the buffer is marked, and its first
+        collection writes every element (a copy instead of an add)."""
+        if self.collect:
+            self.views(buffer)  # validates the size
+            self._cleared.add(id(buffer))
+        else:
+            buffer.zero_()
+
+    def _detach(self) -> None:
+        for p in self.params:
+            p.grad = None
+        self._attached = False
+
+    def _attach(self) -> None:
+        """collect mode: point ``.grad`` at the gradient buffer's views for clipping and the optimizer."""
+        for p, v in zip(self.params, self.views(self.grad_buffer)):
+            p.grad = v
+        self._attached = True
+
     def zero_grad(self) -> None:
-        """Zero the gradient buffer; re-bind only if something replaced the views (e.g. set ``.grad`` to None)."""
+        """Zero the gradient buffer (:meth:`clear`) and make it the bound one (``.grad`` -> None in collect
+        mode; in views mode re-bind only if something replaced the views, e.g. set ``.grad`` to None)."""
         if self._overlap is not None:
             self._overlap.reset()  # an interrupted step's collectives finish before the buffer is zeroed
-        self.grad_buffer.zero_()
         self._queued = []  # nothing from an interrupted step may be reduced again
+        self.clear(self.grad_buffer)
+        if self.collect:
+            self._detach()
+            self._bound = self.grad_buffer
+            return
         first = self.params[0] if self.params else None
         if self._bound is not self.grad_buffer or (first is not None and first.grad is None):
             self.bind(self.grad_buffer)
@@ -222,6 +297,9 @@ class GradientSynchronizer:
         vector) over ranks, in place. Without overlap all of it happens here, after the backward; with it, the
         remaining buckets and buffers are launched and every pending reduction is awaited."""
         queued, self._queued = self._queued, []
+        if self.collect:
+            self._collect()
+            self._attach()
         if self._overlap is not None:
             self._overlap.finish(extra)
         else:

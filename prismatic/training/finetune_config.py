@@ -74,7 +74,7 @@ class FinetuneConfig(CraftFlags):
     num_steps_before_decay: int = 100_000   # LR x0.1 from this optimizer step on
     max_steps: int = 200_000                # optimizer steps
     max_grad_norm: float = 0.0              # clip the global grad norm (0 = off, upstream default)
-    overlap_grad_sync: bool = False         # all-reduce gradient buckets during the last backward (multi-GPU)
+    overlap_grad_sync: bool = True          # all-reduce gradient buckets during the last backward (multi-GPU)
     grad_sync_bucket_numel: int = 25_000_000  # elements per all-reduce bucket with --overlap_grad_sync
     seed: int = 7
     action_head_noise_std: float = 0.0      # upstream trains with N(0, 0.02) input noise in the head; 0 = off
