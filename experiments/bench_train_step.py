@@ -80,6 +80,7 @@ from prismatic.training.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from prismatic.training.fused_lora import adapter_cache
 from prismatic.training.lr_schedule import build_scheduler
 from prismatic.training.model_setup import StartPoint, base_model, build_policy
 from prismatic.training.trainer import PolicyModules, StepSettings, Trainer, move_batch, optimizer_step_unless
@@ -639,6 +640,13 @@ def instrumented_step(
     Returns (metrics, milliseconds per phase). Each interval between two marks is charged to the phase named
     by the later mark. Keep in sync with ``Trainer.step`` (the test compares the two updates bit for bit).
     """
+    with trainer._adapters():
+        return _instrumented_step(trainer, micro_batches, step_index, clock)
+
+
+def _instrumented_step(
+    trainer: Trainer, micro_batches: Sequence[dict], step_index: int, clock: Clock
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     marks: list[tuple[str, Any]] = [("start", clock.mark())]
     mark = lambda label: marks.append((label, clock.mark()))
     t, craft, sync = trainer, trainer.craft, trainer.sync
@@ -1096,6 +1104,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--overlap_grad_sync", action="store_true", help="bucketed all-reduce during the backward")
     p.add_argument("--grads_into_views", action="store_true", help="accumulate into buffer views (no collect mode)")
     p.add_argument("--peft_lora", action="store_true", help="PEFT's LoRA forward instead of fused_lora's")
+    p.add_argument("--adapter_cache", action="store_true", help="fused LoRA reads per-step adapter copies (experiment)")
     p.add_argument("--profile", action="store_true", help="chrome trace of 3 steps per configuration")
     p.add_argument("--out_dir", default=os.environ.get("OUT") or "bench_out")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
@@ -1135,6 +1144,9 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
         fused_lora=not args.peft_lora,
     )
     build_s = time.perf_counter() - t0
+    cache = adapter_cache(modules.vla)
+    if cache is not None:
+        cache.enabled = args.adapter_cache
     broadcast_parameters(modules.trainable_parameters(), ctx)
     if args.compile:
         compile_policy(modules, vision=args.compile_vision, mode=args.compile_mode)
@@ -1180,6 +1192,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
             "compile_vision": args.compile_vision,
             "compile_mode": args.compile_mode if args.compile else None,
             "lora_forward": "peft" if args.peft_lora else "fused",
+            "adapter_cache": cache is not None and cache.enabled,
             "overlap_grad_sync": args.overlap_grad_sync,
             "collect_grads": not args.grads_into_views,
             **summary,

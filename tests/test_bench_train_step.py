@@ -23,6 +23,7 @@ from types import ModuleType
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from prismatic.extern.hf.configuration_prismatic import OpenVLAConfig, tiny_openvla_config
@@ -288,3 +289,43 @@ def test_trace_timeline_finds_idle_time_and_gaps(bench: ModuleType) -> None:
     ]
     assert t["top_kernels_by_time"][0] == {"name": "gemm", "ms_per_step": 0.35, "count_per_step": 1.0}
     assert t["top_kernels_by_count"][0] == {"name": "add", "ms_per_step": 0.125, "count_per_step": 1.5}
+
+
+class _OpLog(TorchDispatchMode):
+    """Records the names of the ops that run (to see which LoRA path a step took)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.names.add(str(func.name()))
+        return func(*args, **(kwargs or {}))
+
+
+def test_adapter_cache_in_bf16_training_steps(bench: ModuleType) -> None:
+    """Two CRaFT (online anchor) steps of the tiny policy under bf16 autocast, with the fused layers reading
+    the per-step adapter copies or casting per layer: the cached ops run only in the first case, and the
+    updated weights agree within bf16 noise (AdamW moves each weight by ~lr = 5e-4 per step)."""
+    runs = {}
+    for use_cache in (True, False):
+        modules = _tiny_policy(bench)
+        assert bench.adapter_cache(modules.vla).enabled is False  # off by default (see AdapterCache)
+        bench.adapter_cache(modules.vla).enabled = use_cache
+        trainer = bench.make_trainer(
+            modules, "craft_online", CPU, batch_size=2, num_images=2, autocast_dtype=torch.bfloat16, seed=1
+        )
+        log = _OpLog()
+        with log:
+            for step in range(2):
+                metrics = trainer.step([random_batch(2, seed=30 + step)], step)
+        assert float(metrics["skipped_update"]) == 0.0
+        assert ("prismatic::lora_linear_cached" in log.names) == use_cache
+        assert ("prismatic::lora_linear" in log.names) != use_cache  # the per-layer-cast path otherwise
+        runs[use_cache] = [p.detach().clone() for p in modules.trainable_parameters()]
+    start = [p.detach() for p in _tiny_policy(bench).trainable_parameters()]
+    moved = 0
+    for cached, plain, p0 in zip(runs[True], runs[False], start):
+        torch.testing.assert_close(cached, plain, rtol=0, atol=2e-4)
+        moved += bool((cached - p0).abs().max() > 2e-4)  # moved by more than the tolerance
+    assert moved > len(start) // 2, f"only {moved} of {len(start)} tensors moved: the comparison says little"

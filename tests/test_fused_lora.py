@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -11,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
-from prismatic.training.fused_lora import FusedLoraLinear, fuse_lora_layers
+from prismatic.training.fused_lora import FusedLoraLinear, adapter_cache, fuse_lora_layers
 from prismatic.training.model_setup import apply_lora
 
 
@@ -75,11 +76,14 @@ class TwoLayers(nn.Module):
         return self.o(torch.relu(self.q(x)))
 
 
-def peft_pair(dropout: float = 0.0, dtype: torch.dtype = torch.float64) -> tuple[nn.Module, nn.Module]:
+def peft_pair(
+    dropout: float = 0.0, dtype: torch.dtype = torch.float64, alpha_pattern: dict | None = None
+) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     config = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q", "o"], init_lora_weights="gaussian"
-    )
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q", "o"], init_lora_weights="gaussian",
+        alpha_pattern=alpha_pattern or {},
+    )  # fmt: skip
     reference = get_peft_model(TwoLayers().to(dtype), config)
     randomize_lora_b(reference, seed=1)
     fused = copy.deepcopy(reference)
@@ -188,3 +192,100 @@ def test_compiled_fused_layer_matches_eager():
     assert relative_error(x.grad, x_ref.grad) < 1e-12
     for name, g in lora_grads(reference).items():
         assert relative_error(dict(fused.named_parameters())[name].grad, g) < 1e-12, name
+
+
+# ------------------------------------------------------------------------------------------ adapter cache --
+def _bf16_run(model: nn.Module, x: torch.Tensor, cache_on: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    cache = adapter_cache(model)
+    cache.enabled = True  # off by default (slower until the weights are flat; see AdapterCache)
+    ctx = cache.active(torch.bfloat16) if cache_on else contextlib.nullcontext()
+    with ctx, torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+        y.float().square().mean().backward()
+    return y.detach(), lora_grads(model)
+
+
+@pytest.mark.parametrize("alpha_pattern", [None, {"o": 24}], ids=["one_scale", "scale_per_layer"])
+def test_adapter_cache_computes_the_same_layer(alpha_pattern):
+    """Inside ``AdapterCache.active`` the layers read bf16 copies (scale * A, B) made in one flat buffer:
+    same output bits as casting per layer, and the fp32 adapter gradients match a float64 reference as
+    closely as the per-layer path's do."""
+    _, fused = peft_pair(dtype=torch.float32, alpha_pattern=alpha_pattern)
+    if alpha_pattern:
+        assert len({float(m.scaling["default"]) for m in fused.modules() if isinstance(m, FusedLoraLinear)}) == 2
+    cache = adapter_cache(fused)
+    assert cache is not None
+    assert len(cache.layers) == 2
+    x = torch.randn(4, 10, 16)
+    y_plain, g_plain = _bf16_run(fused, x, cache_on=False)
+    y_cached, g_cached = _bf16_run(fused, x, cache_on=True)
+    assert cache.live is False  # only inside active()
+    layer = cache.layers[0]
+    name = layer.active_adapters[0]
+    torch.testing.assert_close(layer.cached_lora_a, (layer.lora_A[name].weight * layer.scaling[name]).bfloat16())
+    assert torch.equal(y_cached, y_plain)
+    assert "cached_lora_a" not in "".join(fused.state_dict())  # non-persistent: adapters save as before
+    exact = copy.deepcopy(fused).double()
+    exact.zero_grad(set_to_none=True)
+    exact(x.double()).square().mean().backward()
+    g_exact = lora_grads(exact)
+    assert g_cached.keys() == g_plain.keys() == g_exact.keys()
+    for key, g in g_exact.items():
+        assert g_cached[key].dtype == torch.float32
+        assert relative_error(g_cached[key].double(), g) <= 1.5 * relative_error(g_plain[key].double(), g) + 1e-3
+        assert relative_error(g_cached[key].double(), g) < 2e-2, key
+
+
+def test_adapter_cache_follows_weight_updates():
+    """After a fused AdamW step (which does not bump version counters) the next ``active`` uses the new
+    weights; a changed autocast dtype re-makes the copies in that dtype."""
+    _, fused = peft_pair(dtype=torch.float32)
+    cache = adapter_cache(fused)
+    x = torch.randn(4, 10, 16)
+    _bf16_run(fused, x, cache_on=True)
+    layer = cache.layers[1]
+    first = layer.cached_lora_b.clone()
+    optimizer = torch.optim.AdamW([p for p in fused.parameters() if p.requires_grad], lr=0.1, fused=True)
+    _bf16_run(fused, x, cache_on=True)
+    optimizer.step()
+    y_cached, _ = _bf16_run(fused, x, cache_on=True)
+    y_plain, _ = _bf16_run(fused, x, cache_on=False)
+    assert not torch.equal(layer.cached_lora_b, first)
+    assert torch.equal(y_cached, y_plain)
+    with cache.active(torch.float16):
+        assert layer.cached_lora_b.dtype == torch.float16
+    fused.float()  # module.to() replaces buffer objects: the next entry must lay the copies out again
+    y_cached, _ = _bf16_run(fused, x, cache_on=True)
+    y_plain, _ = _bf16_run(fused, x, cache_on=False)
+    assert layer.cached_lora_b.dtype == torch.bfloat16
+    assert torch.equal(y_cached, y_plain)
+    with cache.active(None):  # no autocast: the copies are not read
+        assert cache.live is False
+
+
+def test_compiled_layers_read_the_adapter_cache():
+    """Compiled, the cached path gives the eager cached path's output bits and gradients, and picks up new
+    adapter values on the next ``active`` (the copies are buffers the compiled code reads, not constants)."""
+    _, eager = peft_pair(dtype=torch.float32)
+    compiled_model = copy.deepcopy(eager)
+    compiled_model.prismatic_adapter_cache = type(adapter_cache(eager))(
+        [m for m in compiled_model.modules() if isinstance(m, FusedLoraLinear)]
+    )
+    adapter_cache(compiled_model).enabled = True
+    compiled = torch.compile(compiled_model)
+    x = torch.randn(4, 10, 16)
+    for round_ in range(2):
+        y_eager, g_eager = _bf16_run(eager, x, cache_on=True)
+        compiled_model.zero_grad(set_to_none=True)
+        with adapter_cache(compiled_model).active(torch.bfloat16), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = compiled(x)
+            y.float().square().mean().backward()
+        assert torch.equal(y.detach(), y_eager), round_
+        for name, g in lora_grads(compiled_model).items():
+            torch.testing.assert_close(g, g_eager[name], rtol=1e-5, atol=1e-7, msg=name)
+        with torch.no_grad():  # new adapter values for the second round, in both models alike
+            for model in (eager, compiled_model):
+                for n, p in model.named_parameters():
+                    if "lora_A" in n:
+                        p.mul_(1.5)

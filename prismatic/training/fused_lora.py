@@ -23,7 +23,9 @@ trainable base weight) falls back to PEFT's own forward.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -35,6 +37,16 @@ from torch.utils.flop_counter import register_flop_formula
 # ================================================================================================================
 # The two ops
 # ================================================================================================================
+def _forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor
+):  # noqa: ANN202
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+    xa = torch.mm(x2, lora_a.t())
+    y.addmm_(xa, lora_b.t())
+    return y.view(*x.shape[:-1], weight.shape[0]), xa
+
+
 @torch.library.custom_op("prismatic::lora_linear", mutates_args=())
 def lora_linear(
     x: torch.Tensor,
@@ -44,11 +56,7 @@ def lora_linear(
     lora_b: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x @ W^T + bias + x @ A^T @ B^T, x @ A^T)`` (A pre-scaled); all inputs share one dtype."""
-    x2 = x.reshape(-1, x.shape[-1])
-    y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
-    xa = torch.mm(x2, lora_a.t())
-    y.addmm_(xa, lora_b.t())
-    return y.view(*x.shape[:-1], weight.shape[0]), xa
+    return _forward(x, weight, bias, lora_a, lora_b)
 
 
 @lora_linear.register_fake
@@ -107,6 +115,106 @@ def _backward(ctx: Any, grad_y: torch.Tensor, _grad_xa: torch.Tensor | None) -> 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---- the same layer reading cached low-precision adapter copies (see AdapterCache) ----
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # mm with an fp32 result from bf16/fp16 operands
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in fp32: one GEMM writing fp32 on CUDA, else a GEMM in the operands' dtype and a cast."""
+    if a.is_cuda and _MM_OUT_DTYPE and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).float()
+
+
+@torch.library.custom_op("prismatic::lora_linear_cached", mutates_args=())
+def lora_linear_cached(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cached_a: torch.Tensor,
+    cached_b: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lora_linear` on ``cached_a = scale * lora_a`` and ``cached_b = lora_b`` in the compute dtype.
+
+    ``lora_a``/``lora_b`` (fp32 parameters) are not read: they are inputs so that autograd hands their
+    gradients, in fp32, straight to them (no cast of the weights in the forward, none of the gradients after).
+    """
+    return _forward(x, weight, bias, cached_a, cached_b)
+
+
+@lora_linear_cached.register_fake
+def _(x, weight, bias, cached_a, cached_b, lora_a, lora_b, scale):
+    tokens = x.numel() // x.shape[-1]
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(tokens, cached_a.shape[0])
+
+
+@torch.library.custom_op("prismatic::lora_linear_cached_backward", mutates_args=())
+def lora_linear_cached_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cached_a: torch.Tensor,
+    cached_b: torch.Tensor,
+    xa: torch.Tensor,
+    needs_x_grad: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB) of :func:`lora_linear_cached`, dA and dB in fp32 (dA = scale * gradient of cached_a)."""
+    g2 = grad.reshape(-1, grad.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    grad_b = _mm_fp32(g2.t(), xa)  # [out, r]
+    gxa = torch.mm(g2, cached_b)  # [tokens, r]
+    grad_a = _mm_fp32(gxa.t(), x2).mul_(scale)  # [r, in]
+    if needs_x_grad:
+        grad_x = torch.mm(g2, weight)
+        grad_x.addmm_(gxa, cached_a)
+        grad_x = grad_x.view(x.shape)
+    else:
+        grad_x = x.new_empty(0)
+    return grad_x, grad_a, grad_b
+
+
+@lora_linear_cached_backward.register_fake
+def _(grad, x, weight, cached_a, cached_b, xa, needs_x_grad, scale):
+    grad_x = x.new_empty(x.shape) if needs_x_grad else x.new_empty(0)
+    fp32 = torch.float32
+    return grad_x, cached_a.new_empty(cached_a.shape, dtype=fp32), cached_b.new_empty(cached_b.shape, dtype=fp32)
+
+
+def _setup_context_cached(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, _bias, cached_a, cached_b, _a, _b, scale = inputs
+    _y, xa = output
+    ctx.mark_non_differentiable(xa)
+    ctx.scale = scale
+    ctx.save_for_backward(x, weight, cached_a, cached_b, xa)
+
+
+def _backward_cached(ctx: Any, grad_y: torch.Tensor, _grad_xa: torch.Tensor | None) -> tuple:
+    x, weight, cached_a, cached_b, xa = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if needs[1] or needs[2] or needs[3] or needs[4]:
+        raise RuntimeError("fused LoRA linear: the base weight, bias and adapter caches must be frozen")
+    grad_x, grad_a, grad_b = lora_linear_cached_backward(
+        grad_y.contiguous(), x, weight, cached_a, cached_b, xa, needs[0], ctx.scale
+    )
+    return (
+        (grad_x if needs[0] else None),
+        None,
+        None,
+        None,
+        None,
+        (grad_a if needs[5] else None),
+        (grad_b if needs[6] else None),
+        None,
+    )
+
+
+lora_linear_cached.register_autograd(_backward_cached, setup_context=_setup_context_cached)
+
+
 # FlopCounterMode cannot see inside custom ops; these formulas count the GEMMs each op runs (2 FLOPs per MAC).
 @register_flop_formula(torch.ops.prismatic.lora_linear)
 def _lora_linear_flops(x_shape, weight_shape, bias_shape, a_shape, b_shape, *args, **kwargs) -> int:
@@ -123,6 +231,18 @@ def _lora_linear_backward_flops(
     if needs_x_grad:
         flops += 2 * tokens * (d_out * d_in + rank * d_in)
     return flops
+
+
+@register_flop_formula(torch.ops.prismatic.lora_linear_cached)
+def _lora_linear_cached_flops(x_shape, weight_shape, bias_shape, a_shape, b_shape, *args, **kwargs) -> int:
+    return _lora_linear_flops(x_shape, weight_shape, bias_shape, a_shape, b_shape)
+
+
+@register_flop_formula(torch.ops.prismatic.lora_linear_cached_backward)
+def _lora_linear_cached_backward_flops(
+    grad_shape, x_shape, weight_shape, a_shape, b_shape, xa_shape, needs_x_grad, *args, **kwargs
+) -> int:
+    return _lora_linear_backward_flops(grad_shape, x_shape, weight_shape, a_shape, b_shape, xa_shape, needs_x_grad)
 
 
 # ================================================================================================================
@@ -157,6 +277,19 @@ class FusedLoraLinear(PeftLoraLinear):
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
         base = self.base_layer
         bias = None if base.bias is None else base.bias.to(dtype)
+        cache: AdapterCache | None = getattr(self, "_adapter_cache", None)
+        if cache is not None and cache.live and cache.dtype == dtype and self._cached_adapter == name:
+            y, _ = lora_linear_cached(
+                x.to(dtype),
+                base.weight.to(dtype),
+                bias,
+                self.cached_lora_a,
+                self.cached_lora_b,
+                self.lora_A[name].weight,
+                self.lora_B[name].weight,
+                float(self.scaling[name]),
+            )
+            return y
         y, _ = lora_linear(
             x.to(dtype),
             base.weight.to(dtype),
@@ -170,11 +303,133 @@ class FusedLoraLinear(PeftLoraLinear):
 def fuse_lora_layers(model: nn.Module) -> int:
     """Switch every PEFT ``lora.Linear`` in ``model`` to :class:`FusedLoraLinear` in place; returns how many.
 
-    Parameters, buffers, names and state dicts are unchanged (only the class, hence the forward, changes).
+    Parameters, names and state dicts are unchanged (only the class, hence the forward, changes). An
+    :class:`AdapterCache` for the switched layers is attached to ``model`` (see :func:`adapter_cache`).
     """
-    count = 0
+    layers = []
     for module in model.modules():
         if type(module) is PeftLoraLinear:
             module.__class__ = FusedLoraLinear
-            count += 1
-    return count
+            layers.append(module)
+    if layers:
+        model.prismatic_adapter_cache = AdapterCache(layers)
+    return len(layers)
+
+
+def adapter_cache(model: nn.Module) -> AdapterCache | None:
+    """The :class:`AdapterCache` that :func:`fuse_lora_layers` attached to ``model`` (None if none)."""
+    return getattr(model, "prismatic_adapter_cache", None)
+
+
+class AdapterCache:
+    """Compute-dtype copies of the fused layers' adapter weights (``scale * A`` and ``B``), made once per
+    training step instead of per layer and pass.
+
+    Without it every fused layer casts its fp32 adapter weights to bf16 in each forward and its bf16 weight
+    gradients back to fp32 in each backward: four small kernels per layer and step, ~1,500 launches for the
+    full model. Here :meth:`active` (entered once per ``Trainer`` step) re-makes all copies, which are views
+    into one flat buffer, with a handful of kernels (a batched concatenation, a scale, one cast), and the
+    layers' backward writes fp32 gradients directly (:func:`lora_linear_cached`). The copies are re-made on
+    every entry, not on detected changes: fused AdamW updates parameters without bumping their version
+    counters, so "unchanged" cannot be told cheaply. (A per-tensor ``_foreach_copy_`` across dtypes is not
+    a batched kernel: it cost ~7 ms per step on an H200 host.)
+
+    **Off by default**, measured (docs/BENCHMARKS.md, log item 18): on an H200 the layers' GPU time drops by
+    1-6 ms per plain step, but the refresh still costs ~6-7 ms of host time at the start of each step (the
+    concatenation handles ~1,100 separate tensors), so the step got slower. With the trainable weights laid
+    out in one flat fp32 buffer the refresh becomes a single cast kernel; until then, enable it only to
+    experiment (``cache.enabled = True``; the benchmark's ``--adapter_cache``).
+
+    Layers read the copies only inside :meth:`active` and only for the autocast dtype they were made in;
+    everywhere else (evaluation scripts, fp32 runs, tests) the plain fused path runs, so a stale copy is never
+    used. The copies are non-persistent buffers (in no state dict). They are bound to the adapter parameter
+    objects seen at the first entry (``module.to()`` is fine): code that replaces those objects must call
+    :meth:`reset`.
+    """
+
+    def __init__(self, layers: list[FusedLoraLinear], enabled: bool = False) -> None:
+        self.layers = layers
+        self.enabled = enabled  # off by default: see the class docstring
+        self.live = False
+        self.dtype: torch.dtype | None = None
+        self._flat: torch.Tensor | None = None  # every copy, as views into one buffer (one cast per refresh)
+        self._sources: list[torch.Tensor] = []  # fp32 weights in buffer order (all A's, then all B's) + zero pads
+        self._a_numel = 0
+        self._a_scale: float | torch.Tensor = 1.0
+        self._first: tuple[FusedLoraLinear, torch.Tensor] | None = None
+        self._built = False
+
+    def reset(self) -> None:
+        """Forget the copies' layout (after parameters were replaced or adapters changed)."""
+        self._flat, self.dtype, self._built = None, None, False
+
+    ALIGN = 64  # elements: each copy starts 128-byte aligned in the flat buffer (GEMM operands need >= 16)
+
+    def _build(self, dtype: torch.dtype) -> None:
+        entries = [(layer, name) for layer in self.layers if (name := layer._fused_adapter()) is not None]
+        self._built = True
+        if not entries:
+            self._flat, self._sources, self.dtype = None, [], dtype
+            return
+        device = entries[0][0].lora_A[entries[0][1]].weight.device
+        weights = [layer.lora_A[name].weight for layer, name in entries]
+        weights += [layer.lora_B[name].weight for layer, name in entries]
+        offsets, sources, end = [], [], 0
+        for w in weights:
+            offsets.append(end)
+            sources.append(w)
+            end += w.numel()
+            pad = -end % self.ALIGN
+            if pad:
+                sources.append(torch.zeros(pad, dtype=w.dtype, device=device))
+                end += pad
+        flat = torch.empty(end, dtype=dtype, device=device)
+        n = len(entries)
+        for i, (layer, name) in enumerate(entries):
+            for attr, k in (("cached_lora_a", i), ("cached_lora_b", n + i)):
+                view = flat[offsets[k] : offsets[k] + weights[k].numel()].view(weights[k].shape)
+                layer.register_buffer(attr, view, persistent=False)
+            layer._adapter_cache = self
+            layer._cached_adapter = name
+        self._a_numel = offsets[n]  # the A copies (with their pads) come first
+        scales = [float(layer.scaling[name]) for layer, name in entries]
+        if len(set(scales)) == 1:
+            self._a_scale = scales[0]
+        else:  # one scale per element of the A region
+            counts = [offsets[i + 1] - offsets[i] for i in range(n)]
+            self._a_scale = torch.repeat_interleave(
+                torch.tensor(scales, device=device), torch.tensor(counts, device=device)
+            )
+        self._flat, self._sources, self.dtype = flat, sources, dtype
+        self._first = (entries[0][0], entries[0][0].cached_lora_a)
+
+    def _moved(self) -> bool:
+        """``module.to()`` replaces buffer objects: then the layers no longer read the flat buffer."""
+        layer, view = self._first
+        return layer.cached_lora_a is not view
+
+    def refresh(self, dtype: torch.dtype) -> None:
+        """Re-make every copy from the current fp32 weights, in ``dtype``: one concatenation of the weights
+        (batched copy kernels), one scale of the A part, one cast into the flat buffer of copies."""
+        if not self._built or dtype != self.dtype or (self._flat is not None and self._moved()):
+            self._build(dtype)
+        if self._flat is None:
+            return
+        with torch.no_grad():
+            dense = torch.cat([w.reshape(-1) for w in self._sources])
+            dense[: self._a_numel].mul_(self._a_scale)
+            self._flat.copy_(dense)
+
+    @contextlib.contextmanager
+    def active(self, dtype: torch.dtype | None) -> Iterator[None]:
+        """Let the layers read the copies (refreshed first) for ``dtype``; ``None`` (no autocast) or a
+        disabled cache: the plain fused path."""
+        if not self.enabled or dtype is None:
+            yield
+            return
+        self.refresh(dtype)
+        self.live = True
+        try:
+            yield
+        finally:
+            self.live = False

@@ -24,6 +24,7 @@ from torch import nn
 
 from prismatic.extern.hf.modeling_prismatic import action_head_inputs
 from prismatic.training.distributed import DistributedContext, GradientSynchronizer
+from prismatic.training.fused_lora import adapter_cache
 
 
 @dataclass
@@ -131,6 +132,12 @@ class Trainer:
         self.settings = settings
         self.craft = craft
         self._training_mode: bool | None = None
+        self.adapter_cache = adapter_cache(modules.vla)  # compute-dtype adapter copies of fused LoRA layers
+
+    def _adapters(self) -> contextlib.AbstractContextManager:
+        if self.adapter_cache is None:
+            return contextlib.nullcontext()
+        return self.adapter_cache.active(self.settings.autocast_dtype)
 
     def _set_mode(self, training: bool) -> None:
         """``train()``/``eval()`` walk ~5000 modules (~10 ms): only do it when the mode actually changes."""
@@ -174,6 +181,10 @@ class Trainer:
         ``step_index`` (0-based) seeds this step's randomness (head noise, dropout) per rank, so resuming
         at step k replays exactly what an uninterrupted run does, without saving RNG states.
         """
+        with self._adapters():
+            return self._step(micro_batches, step_index)
+
+    def _step(self, micro_batches: Sequence[dict], step_index: int) -> dict[str, torch.Tensor]:
         self._set_mode(True)
         torch.manual_seed(self.settings.seed * 1_000_003 + step_index * 4099 + self.ctx.rank)
         n = len(micro_batches)
@@ -226,7 +237,8 @@ class Trainer:
         self._set_mode(False)
         sums: dict[str, torch.Tensor] = {}
         for batch in batches:
-            losses, _ = self.forward(move_batch(batch, self.ctx.device))
+            with self._adapters():
+                losses, _ = self.forward(move_batch(batch, self.ctx.device))
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / max(1, len(batches))
         names = sorted(sums)
