@@ -678,6 +678,7 @@ def _instrumented_step(
         if last:
             sync.begin_last_backward()
         (losses["loss"] / n).backward()
+        sync.collect()
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float() / n
         mark("backward_act")

@@ -521,3 +521,26 @@ def test_budget_study_holds_the_budget() -> None:
     assert craft["retention_last"] <= 1.5 * eps, f"CRaFT should hold L_ret near or under epsilon: {craft}"
     assert max(result["craft"]["history"]["lambda"]) > 0, "the dual variable should have engaged"
     assert craft["loss_last"] < 0.9 * craft["loss_first"], f"CRaFT's action loss should still fall: {craft}"
+
+
+@pytest.mark.parametrize("craft", [False, True], ids=["plain", "craft"])
+def test_no_gradient_tensor_outlives_its_backward(base: OpenVLAForActionPrediction, craft: bool) -> None:
+    """Collect mode: every backward's gradients are in the flat buffers before the next forward starts.
+
+    With CUDA graphs those gradient tensors are graph outputs whose memory the next micro-batch's replay
+    reuses; holding one across a forward would corrupt accumulation (found in review, CPU-checkable here)."""
+    setup = make_setup(base, CRaFTConfig() if craft else None, lora_b_scale=LORA_B_SCALE)
+    sync = setup.trainer.sync
+    assert sync.collect_mode
+    held = []
+
+    def check(*_: object) -> None:
+        held.append(sum(p.grad is not None for p in sync.params))
+
+    handle = setup.modules.vla.register_forward_pre_hook(check)
+    try:
+        setup.trainer.step([batch(1), batch(2), batch(3)], step_index=0)
+    finally:
+        handle.remove()
+    assert len(held) == (6 if craft else 3)  # student forwards (+ online-anchor forwards)
+    assert held == [0] * len(held)

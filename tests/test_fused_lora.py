@@ -289,3 +289,40 @@ def test_compiled_layers_read_the_adapter_cache():
                 for n, p in model.named_parameters():
                     if "lora_A" in n:
                         p.mul_(1.5)
+
+
+def test_adapter_cache_layout_changes_leave_no_stale_copies():
+    """Layers dropped from a re-made layout (here: dropout > 0 takes PEFT's path in training) and layers whose
+    scale changed stop reading copies; their output stays that of the current weights."""
+    _, fused = peft_pair(dropout=0.5, dtype=torch.float32)
+    cache = adapter_cache(fused)
+    cache.enabled = True
+    x = torch.randn(4, 10, 16)
+    fused.eval()
+    with cache.active(torch.bfloat16):
+        pass
+    assert all(layer._adapter_cache is cache for layer in cache.layers)
+    fused.train()
+    fused.float()  # new buffer objects: the next entry re-makes the layout, now without the dropout layers
+    with cache.active(torch.bfloat16):
+        pass
+    assert all(layer._adapter_cache is None for layer in cache.layers)
+    assert not any(hasattr(layer, "cached_lora_a") for layer in cache.layers)
+    with torch.no_grad():
+        for n, p in fused.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5)
+    fused.eval()
+    y_cached, _ = _bf16_run(fused, x, cache_on=True)
+    y_plain, _ = _bf16_run(fused, x, cache_on=False)
+    assert torch.equal(y_cached, y_plain)
+
+    cache.reset()
+    with cache.active(torch.bfloat16):
+        pass
+    layer = cache.layers[0]
+    layer.scaling["default"] *= 3.0  # changed after the copies were made: the copies must not be used
+    y_cached, _ = _bf16_run(fused, x, cache_on=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_plain = fused(x).detach()
+    assert torch.equal(y_cached, y_plain)

@@ -160,7 +160,7 @@ def test_collect_mode_equals_accumulating_into_views(micro_batches_steps: int) -
     for collect in (False, True):
         model = make_model()
         sync = GradientSynchronizer(params(model), ctx, collect=collect)
-        assert sync.collect is collect
+        assert sync.collect_mode is collect
         second = sync.new_buffer()
         for _ in range(micro_batches_steps):
             during = _one_process_step(sync, model, second)

@@ -161,7 +161,7 @@ class GradientSynchronizer:
         self.grad_buffer = self.new_buffer()
         self._views: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # id(buffer) -> (buffer, views)
         self._overlap = _OverlappedReduction(self, bucket_numel) if overlap and ctx.is_distributed else None
-        self.collect = collect and self._overlap is None
+        self.collect_mode = collect and self._overlap is None
         self._attached = False  # collect mode: .grad are views of grad_buffer (after sync_grads)
         self._cleared: set[int] = set()  # collect mode: ids of buffers that are logically zero (see clear)
         self._bound: torch.Tensor | None = None
@@ -186,13 +186,21 @@ class GradientSynchronizer:
         """Make ``buffer`` where the next backward's gradients accumulate (after collecting the previous
         backward's into the buffer bound before)."""
         views = self.views(buffer)
-        if self.collect:
+        if self.collect_mode:
             self._collect()
             self._detach()
         else:
             for p, v in zip(self.params, views):
                 p.grad = v
         self._bound = buffer
+
+    def collect(self) -> None:
+        """Move the last backward's gradients into the bound buffer now (collect mode; no-op otherwise).
+
+        Call after every backward: with CUDA graphs those gradients live in the graph pool, and the next
+        micro-batch's replay (``cudagraph_mark_step_begin``) reuses that memory."""
+        if self.collect_mode:
+            self._collect()
 
     def _collect(self) -> None:
         """collect mode: add the gradients autograd left in ``.grad`` into the bound buffer; ``.grad`` -> None.
@@ -218,7 +226,7 @@ class GradientSynchronizer:
     def clear(self, buffer: torch.Tensor) -> None:
         """Zero ``buffer`` for a new step. In collect mode no memset: the buffer is marked, and its first
         collection writes every element (a copy instead of an add)."""
-        if self.collect:
+        if self.collect_mode:
             self.views(buffer)  # validates the size
             self._cleared.add(id(buffer))
         else:
@@ -242,7 +250,7 @@ class GradientSynchronizer:
             self._overlap.reset()  # an interrupted step's collectives finish before the buffer is zeroed
         self._queued = []  # nothing from an interrupted step may be reduced again
         self.clear(self.grad_buffer)
-        if self.collect:
+        if self.collect_mode:
             self._detach()
             self._bound = self.grad_buffer
             return
@@ -297,7 +305,7 @@ class GradientSynchronizer:
         vector) over ranks, in place. Without overlap all of it happens here, after the backward; with it, the
         remaining buckets and buffers are launched and every pending reduction is awaited."""
         queued, self._queued = self._queued, []
-        if self.collect:
+        if self.collect_mode:
             self._collect()
             self._attach()
         if self._overlap is not None:

@@ -278,7 +278,13 @@ class FusedLoraLinear(PeftLoraLinear):
         base = self.base_layer
         bias = None if base.bias is None else base.bias.to(dtype)
         cache: AdapterCache | None = getattr(self, "_adapter_cache", None)
-        if cache is not None and cache.live and cache.dtype == dtype and self._cached_adapter == name:
+        if (
+            cache is not None
+            and cache.live
+            and cache.dtype == dtype
+            and self._cached_adapter == name
+            and float(self.scaling[name]) == self._cached_scale
+        ):
             y, _ = lora_linear_cached(
                 x.to(dtype),
                 base.weight.to(dtype),
@@ -287,7 +293,7 @@ class FusedLoraLinear(PeftLoraLinear):
                 self.cached_lora_b,
                 self.lora_A[name].weight,
                 self.lora_B[name].weight,
-                float(self.scaling[name]),
+                self._cached_scale,
             )
             return y
         y, _ = lora_linear(
@@ -366,6 +372,10 @@ class AdapterCache:
     ALIGN = 64  # elements: each copy starts 128-byte aligned in the flat buffer (GEMM operands need >= 16)
 
     def _build(self, dtype: torch.dtype) -> None:
+        for layer in self.layers:  # a layer left out of this layout must not read an old copy
+            layer._adapter_cache = None
+            for attr in ("cached_lora_a", "cached_lora_b"):
+                layer._buffers.pop(attr, None)
         entries = [(layer, name) for layer in self.layers if (name := layer._fused_adapter()) is not None]
         self._built = True
         if not entries:
@@ -391,6 +401,7 @@ class AdapterCache:
                 layer.register_buffer(attr, view, persistent=False)
             layer._adapter_cache = self
             layer._cached_adapter = name
+            layer._cached_scale = float(layer.scaling[name])  # a later scale change bypasses the copies
         self._a_numel = offsets[n]  # the A copies (with their pads) come first
         scales = [float(layer.scaling[name]) for layer, name in entries]
         if len(set(scales)) == 1:

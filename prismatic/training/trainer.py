@@ -209,6 +209,7 @@ class Trainer:
             if last:
                 self.sync.begin_last_backward()
             (losses["loss"] / n).backward()
+            self.sync.collect()  # gradients into the buffer before the next micro-batch reuses graph memory
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / n
         names = sorted(sums)
