@@ -128,11 +128,12 @@ class GradientSynchronizer:
     How a backward's gradients reach the bound buffer (same sums, bit for bit):
 
     * ``collect`` mode (default without overlap): during the backward ``.grad`` is ``None``, so autograd hands
-      each parameter its fresh gradient tensor without a kernel; the next :meth:`bind` or :meth:`sync_grads`
-      adds them all into the buffer with one ``_foreach_add_`` (a handful of launches; a copy, and no memset
-      before it, for the first backward into a :meth:`clear`-ed buffer). Accumulating into
-      views instead costs one add kernel per parameter and backward: ~1,100 tiny kernels a step for the
-      full model's 800 LoRA/head tensors (docs/BENCHMARKS.md, log item 15).
+      each parameter its fresh gradient tensor without a kernel; :meth:`collect` (the trainer calls it after
+      every backward), :meth:`bind` or :meth:`sync_grads` adds them all into the buffer with one
+      ``_foreach_add_`` (a handful of launches; a copy, and no memset before it, for the first backward into
+      a :meth:`clear`-ed buffer). Accumulating into views instead costs one add kernel per parameter and
+      backward: ~1,100 tiny kernels a step for the full model's 800 LoRA/head tensors (docs/BENCHMARKS.md,
+      log item 15).
     * ``views`` mode (overlap): ``.grad`` is a view into the buffer during the backward, autograd accumulates
       in place, and the overlap hooks reduce buckets of the buffer as they become final.
     """
