@@ -692,9 +692,8 @@ def _instrumented_step(
     if craft is not None:
         metrics.update(craft.apply(sync, retention))
         mark("craft_projection")
-    if t.settings.max_grad_norm > 0:
-        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(sync.params, t.settings.max_grad_norm)
-        nonfinite = nonfinite | ~torch.isfinite(metrics["grad_norm"])
+    metrics["grad_norm"] = t._grad_norm()
+    nonfinite = nonfinite | ~torch.isfinite(metrics["grad_norm"])
     metrics["lr"] = torch.tensor(t.scheduler.get_last_lr()[0], dtype=torch.float64)
     metrics["skipped_update"] = nonfinite
     optimizer_step_unless(t.optimizer, nonfinite)

@@ -544,3 +544,24 @@ def test_no_gradient_tensor_outlives_its_backward(base: OpenVLAForActionPredicti
         handle.remove()
     assert len(held) == (6 if craft else 3)  # student forwards (+ online-anchor forwards)
     assert held == [0] * len(held)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach_host_skip", "fused_device_skip"])
+def test_nan_gradient_behind_a_finite_loss_skips_the_update(base: OpenVLAForActionPrediction, fused: bool) -> None:
+    """The logged gradient norm (no clipping configured) also guards the update: a NaN that appears only in
+    one parameter's gradient leaves every weight as it was."""
+    setup = make_setup(base, None, fused=fused)
+    params = setup.modules.trainable_parameters()
+    before = [p.detach().clone() for p in params]
+    handle = params[-1].register_hook(lambda g: torch.full_like(g, math.nan))
+    try:
+        metrics = setup.trainer.step([batch(5)], step_index=0)
+    finally:
+        handle.remove()
+    assert math.isfinite(float(metrics["loss"]))
+    assert math.isnan(float(metrics["grad_norm"]))
+    assert float(metrics["skipped_update"]) == 1.0
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    metrics = setup.trainer.step([batch(5)], step_index=1)
+    assert float(metrics["grad_norm"]) > 0
+    assert float(metrics["skipped_update"]) == 0.0

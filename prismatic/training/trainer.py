@@ -134,6 +134,14 @@ class Trainer:
         self._training_mode: bool | None = None
         self.adapter_cache = adapter_cache(modules.vla)  # compute-dtype adapter copies of fused LoRA layers
 
+    def _grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the final gradients, clipped to ``max_grad_norm`` if set. Without clipping it is
+        one reduction over the flat buffer (~1 GB read for the full model, ~0.3 ms on an H100): cheap enough
+        to log every step and to catch a non-finite gradient behind a finite loss."""
+        if self.settings.max_grad_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(self.sync.params, self.settings.max_grad_norm)
+        return torch.linalg.vector_norm(self.sync.grad_buffer)
+
     def _adapters(self) -> contextlib.AbstractContextManager:
         if self.adapter_cache is None:
             return contextlib.nullcontext()
@@ -220,9 +228,8 @@ class Trainer:
         retention = metrics.pop("retention_loss", None)
         if self.craft is not None:
             metrics.update(self.craft.apply(self.sync, retention))
-        if self.settings.max_grad_norm > 0:
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.sync.params, self.settings.max_grad_norm)
-            nonfinite = nonfinite | ~torch.isfinite(metrics["grad_norm"])
+        metrics["grad_norm"] = self._grad_norm()  # of the gradient the optimizer gets (before clipping)
+        nonfinite = nonfinite | ~torch.isfinite(metrics["grad_norm"])
         metrics["lr"] = torch.tensor(self.scheduler.get_last_lr()[0], dtype=torch.float64)  # LR of this update
         metrics["skipped_update"] = nonfinite
         optimizer_step_unless(self.optimizer, nonfinite)
