@@ -519,13 +519,25 @@ def make_trainer(
     cuda_graphs: bool = False,
     overlap_grad_sync: bool = False,
     collect_grads: bool = True,
+    flat_params: bool = False,
 ) -> Trainer:
-    """A fresh synchronizer, optimizer, schedule and (for CRaFT) anchor + hooks, wired as finetune.py does."""
+    """A fresh synchronizer, optimizer, schedule and (for CRaFT) anchor + hooks, wired as finetune.py does.
+
+    ``flat_params`` (experiment, not in finetune.py yet): the trainable weights move into one flat,
+    64-element-aligned fp32 tensor and AdamW steps that one tensor (``GradientSynchronizer.flat_parameters``).
+    """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    sync = GradientSynchronizer(modules.trainable_parameters(), ctx, overlap=overlap_grad_sync, collect=collect_grads)
+    sync = GradientSynchronizer(
+        modules.trainable_parameters(),
+        ctx,
+        overlap=overlap_grad_sync,
+        collect=collect_grads,
+        align=64 if flat_params else 1,
+    )
     cuda = ctx.device.type == "cuda"
-    optimizer = torch.optim.AdamW(sync.params, lr=learning_rate, fused=cuda, foreach=None if cuda else True)
+    opt_params = [sync.flat_parameters()] if flat_params else sync.params
+    optimizer = torch.optim.AdamW(opt_params, lr=learning_rate, fused=cuda, foreach=None if cuda else True)
     scheduler = build_scheduler(optimizer, warmup_steps=0, num_steps_before_decay=10**9)
     craft = None
     if variant != "plain":
@@ -887,6 +899,7 @@ class BenchSettings:
     cuda_graphs: bool = False
     overlap_grad_sync: bool = False
     collect_grads: bool = True
+    flat_params: bool = False
     tag: str = ""
 
 
@@ -938,6 +951,7 @@ def measure(
         cuda_graphs=settings.cuda_graphs,
         overlap_grad_sync=settings.overlap_grad_sync,
         collect_grads=settings.collect_grads,
+        flat_params=settings.flat_params,
     )
     if cuda:
         torch.cuda.synchronize()
@@ -1104,6 +1118,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--overlap_grad_sync", action="store_true", help="bucketed all-reduce during the backward")
     p.add_argument("--grads_into_views", action="store_true", help="accumulate into buffer views (no collect mode)")
     p.add_argument("--peft_lora", action="store_true", help="PEFT's LoRA forward instead of fused_lora's")
+    p.add_argument("--flat_params", action="store_true", help="AdamW over one aligned flat tensor (experiment)")
     p.add_argument("--adapter_cache", action="store_true", help="fused LoRA reads per-step adapter copies (experiment)")
     p.add_argument("--profile", action="store_true", help="chrome trace of 3 steps per configuration")
     p.add_argument("--out_dir", default=os.environ.get("OUT") or "bench_out")
@@ -1169,6 +1184,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
         cuda_graphs=uses_cuda_graphs(args.compile, args.compile_mode),
         overlap_grad_sync=args.overlap_grad_sync,
         collect_grads=not args.grads_into_views,
+        flat_params=args.flat_params,
         tag=f"_{args.tag}" if args.tag else "",
     )
     results: list[dict[str, Any]] = []
@@ -1195,6 +1211,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
             "adapter_cache": cache is not None and cache.enabled,
             "overlap_grad_sync": args.overlap_grad_sync,
             "collect_grads": not args.grads_into_views,
+            "flat_params": args.flat_params,
             **summary,
         },
         "settings": {

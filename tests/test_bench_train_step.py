@@ -329,3 +329,33 @@ def test_adapter_cache_in_bf16_training_steps(bench: ModuleType) -> None:
         torch.testing.assert_close(cached, plain, rtol=0, atol=2e-4)
         moved += bool((cached - p0).abs().max() > 2e-4)  # moved by more than the tolerance
     assert moved > len(start) // 2, f"only {moved} of {len(start)} tensors moved: the comparison says little"
+
+
+def test_flat_parameters_make_the_same_update(bench: ModuleType) -> None:
+    """AdamW over one 64-element-aligned flat tensor (parameters as views into it; the gaps stay zero) updates
+    every weight as per-tensor AdamW does, CRaFT projection included (its segments now span the gaps)."""
+    ref, flat = _tiny_policy(bench), _tiny_policy(bench)
+    trainers = [
+        bench.make_trainer(m, "craft_cache", CPU, batch_size=2, num_images=2, autocast_dtype=None, flat_params=f)
+        for m, f in ((ref, False), (flat, True))
+    ]
+    sync = trainers[1].sync
+    (flat_param,) = trainers[1].optimizer.param_groups[0]["params"]
+    assert flat_param.grad is sync.grad_buffer
+    assert sync.numel > trainers[0].sync.numel  # gaps
+    for p in sync.params:
+        assert (p.data_ptr() - flat_param.data_ptr()) % 256 == 0, "every weight starts 256 bytes into the base"
+        assert p.untyped_storage().data_ptr() == flat_param.untyped_storage().data_ptr()
+    for step in range(2):
+        metrics = [t.step([random_batch(2, seed=40 + step)], step) for t in trainers]
+        assert float(metrics[1]["craft/lambda"]) == float(metrics[0]["craft/lambda"])
+        torch.testing.assert_close(metrics[1]["craft/dot"], metrics[0]["craft/dot"], rtol=1e-5, atol=0)
+    for p, q in zip(ref.trainable_parameters(), flat.trainable_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-9)
+    views = sync.views(flat_param.detach())
+    gaps = torch.ones(sync.numel, dtype=torch.bool)
+    for v, lo in zip(views, sync.offsets):
+        gaps[lo : lo + v.numel()] = False
+    assert gaps.any()
+    assert flat_param.detach()[gaps].abs().max() == 0  # AdamW keeps the gaps at zero
+    assert sync.grad_buffer[gaps].abs().max() == 0

@@ -145,7 +145,10 @@ class GradientSynchronizer:
         overlap: bool = False,
         bucket_numel: int = 25_000_000,
         collect: bool = True,
+        align: int = 1,
     ) -> None:
+        if align < 1:
+            raise ValueError(f"align must be >= 1, got {align}")
         self.params = [p for p in params if p.requires_grad]
         bad = [tuple(p.shape) for p in self.params if p.dtype != torch.float32]
         if bad:
@@ -155,10 +158,16 @@ class GradientSynchronizer:
             raise ValueError(f"trainable parameters live on several devices: {devices}")
         self.ctx = ctx
         self.device = next(iter(devices)) if devices else ctx.device
-        self.numel = sum(p.numel() for p in self.params)
-        self.offsets = [0]
+        # offsets[i]: where parameter i starts (a multiple of ``align``; the gaps stay zero); offsets[-1]: size
+        self.align = align
+        self.offsets, end = [], 0
         for p in self.params:
-            self.offsets.append(self.offsets[-1] + p.numel())
+            end += -end % align
+            self.offsets.append(end)
+            end += p.numel()
+        end += -end % align
+        self.offsets.append(end)
+        self.numel = end
         self.grad_buffer = self.new_buffer()
         self._views: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # id(buffer) -> (buffer, views)
         self._overlap = _OverlappedReduction(self, bucket_numel) if overlap and ctx.is_distributed else None
@@ -179,7 +188,7 @@ class GradientSynchronizer:
         if cached is None or cached[0] is not buffer:
             if buffer.numel() != self.numel:
                 raise ValueError(f"buffer has {buffer.numel()} elements, expected {self.numel}")
-            views = [buffer[lo:hi].view_as(p) for p, lo, hi in zip(self.params, self.offsets[:-1], self.offsets[1:])]
+            views = [buffer[lo : lo + p.numel()].view_as(p) for p, lo in zip(self.params, self.offsets)]
             cached = self._views[id(buffer)] = (buffer, views)
         return cached[1]
 
@@ -259,9 +268,26 @@ class GradientSynchronizer:
         if self._bound is not self.grad_buffer or (first is not None and first.grad is None):
             self.bind(self.grad_buffer)
 
-    def segment_sizes(self) -> list[int]:
-        """Number of elements of each registered parameter, in buffer order."""
-        return [hi - lo for lo, hi in zip(self.offsets[:-1], self.offsets[1:])]
+    def flat_parameters(self) -> torch.nn.Parameter:
+        """Move every registered parameter into one flat fp32 tensor (each becomes a view at its offset) and
+        return that tensor as a Parameter whose ``.grad`` is the gradient buffer.
+
+        An optimizer over it updates all weights with one fused kernel and almost no Python (~800 tensors
+        otherwise). Needs ``align`` of at least 4 elements (16 bytes): GEMMs reject operands at odd
+        addresses (log item 17 of docs/BENCHMARKS.md); 64 keeps every view 256-byte aligned. Parameter
+        objects stay the same; only their storage moves, so call it before compiling or caching anything
+        that holds on to old storages.
+        """
+        if self.align % 4:
+            raise ValueError(f"flat parameters need align to be a multiple of 4 elements (16 bytes), got {self.align}")
+        flat = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            for p, view in zip(self.params, self.views(flat)):
+                view.copy_(p)
+                p.data = view
+        param = torch.nn.Parameter(flat)
+        param.grad = self.grad_buffer
+        return param
 
     def all_reduce(self, *buffers: torch.Tensor) -> None:
         """Average flat fp32 buffers over ranks, in place (no-op for one process).
