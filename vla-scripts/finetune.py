@@ -10,7 +10,6 @@ mechanics live in ``prismatic/training/``; ``--help`` lists every flag.
 
 import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -169,7 +168,7 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
             t0 = time.perf_counter()
             metrics = trainer.step(next(stream), step)
             values = {k: float(v) for k, v in metrics.items()}  # the step's one host sync
-            if values.pop("skipped_update") or not math.isfinite(values["loss"]):
+            if values.pop("skipped_update"):  # a non-finite loss or gradient norm
                 raise FloatingPointError(
                     f"non-finite loss or gradient at step {step + 1}: its update was skipped (weights and optimizer "
                     f"state are those after step {step}; checkpoints in {run_dir}). Values: {values}"

@@ -219,14 +219,17 @@ class GradientSynchronizer:
         nothing to add then."""
         if self._bound is None or self._attached:
             return
-        views = self.views(self._bound)
-        targets = [v for p, v in zip(self.params, views) if p.grad is not None]
-        grads = [p.grad for p in self.params if p.grad is not None]
+        targets, grads, missing = [], [], []
+        for p, v in zip(self.params, self.views(self._bound)):
+            if p.grad is None:
+                missing.append(v)
+            else:
+                targets.append(v)
+                grads.append(p.grad)
         if id(self._bound) in self._cleared:  # logically zero: overwrite, and zero what got no gradient
             self._cleared.discard(id(self._bound))
             if targets:
                 torch._foreach_copy_(targets, grads)
-            missing = [v for p, v in zip(self.params, views) if p.grad is None]
             if missing:
                 torch._foreach_zero_(missing)
         elif targets:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -76,11 +76,26 @@ def lora_linear_backward(
     needs_x_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dx, dA, dB) of :func:`lora_linear` (dx empty when not needed); the base weight is frozen."""
+    return _backward_math(grad, x, weight, lora_a, lora_b, xa, needs_x_grad, torch.mm)
+
+
+def _backward_math(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    xa: torch.Tensor,
+    needs_x_grad: bool,
+    weight_grad_mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, d lora_a, d lora_b) of ``x @ W^T + x @ A^T @ B^T``; ``weight_grad_mm`` computes the two adapter
+    weight-gradient GEMMs (``torch.mm``, or :func:`_mm_fp32` for fp32 results)."""
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
-    grad_b = torch.mm(g2.t(), xa)  # [out, r]
+    grad_b = weight_grad_mm(g2.t(), xa)  # [out, r]
     gxa = torch.mm(g2, lora_b)  # [tokens, r]: gradient of x @ A^T
-    grad_a = torch.mm(gxa.t(), x2)  # [r, in]
+    grad_a = weight_grad_mm(gxa.t(), x2)  # [r, in]
     if needs_x_grad:
         grad_x = torch.mm(g2, weight)
         grad_x.addmm_(gxa, lora_a)
@@ -163,18 +178,8 @@ def lora_linear_cached_backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dA, dB) of :func:`lora_linear_cached`, dA and dB in fp32 (dA = scale * gradient of cached_a)."""
-    g2 = grad.reshape(-1, grad.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
-    grad_b = _mm_fp32(g2.t(), xa)  # [out, r]
-    gxa = torch.mm(g2, cached_b)  # [tokens, r]
-    grad_a = _mm_fp32(gxa.t(), x2).mul_(scale)  # [r, in]
-    if needs_x_grad:
-        grad_x = torch.mm(g2, weight)
-        grad_x.addmm_(gxa, cached_a)
-        grad_x = grad_x.view(x.shape)
-    else:
-        grad_x = x.new_empty(0)
-    return grad_x, grad_a, grad_b
+    grad_x, grad_a_s, grad_b = _backward_math(grad, x, weight, cached_a, cached_b, xa, needs_x_grad, _mm_fp32)
+    return grad_x, grad_a_s.mul_(scale), grad_b
 
 
 @lora_linear_cached_backward.register_fake

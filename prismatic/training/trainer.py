@@ -244,11 +244,11 @@ class Trainer:
         """Mean L1 losses on held-out batches (eval mode, no noise), averaged over ranks."""
         self._set_mode(False)
         sums: dict[str, torch.Tensor] = {}
-        for batch in batches:
-            with self._adapters():
+        with self._adapters():
+            for batch in batches:
                 losses, _ = self.forward(move_batch(batch, self.ctx.device))
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.float() / max(1, len(batches))
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.float() / max(1, len(batches))
         names = sorted(sums)
         vec = torch.stack([sums[k] for k in names]) if names else torch.zeros(0, device=self.ctx.device)
         self.sync.all_reduce(vec)
