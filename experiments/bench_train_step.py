@@ -50,6 +50,7 @@ import contextlib
 import datetime
 import gc
 import gzip
+import itertools
 import json
 import logging
 import math
@@ -59,7 +60,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -69,6 +70,7 @@ from torch import nn
 
 from prismatic.extern.hf.configuration_prismatic import OpenVLAConfig, tiny_openvla_config
 from prismatic.extern.hf.modeling_prismatic import OpenVLAForActionPrediction, create_vit, feature_block_index
+from prismatic.models.llm_attention import restore_attention, use_right_padded_causal_attention
 from prismatic.training.compilation import COMPILE_MODES, compile_policy, uses_cuda_graphs
 from prismatic.training.craft_step import CraftStep, OnlineAnchor
 from prismatic.training.craft_utils import CRaFTConfig, CRaFTFeatureExtractor
@@ -95,6 +97,7 @@ DEFAULT_CONFIG_CANDIDATES = (
     REPO / "experiments" / "assets" / "openvla_config.json",
     REPO / "experiments" / "assets" / "config.json",
 )
+AB_PARTS = ("flat", "cache", "masked")  # --ab: flags added to the command's own ("base"), joined by "+"
 VARIANTS = ("plain", "craft_cache", "craft_online")
 PHASES = (
     "zero_grad",
@@ -1045,7 +1048,7 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
             lines.append(f"{r.get('variant', '?'):>9} | {r.get('batch_size', '?'):>9} | ERROR {r.get('error')}")
             continue
         cells = [
-            r["variant"],
+            r["variant"] if r.get("config", "base") == "base" else f"{r['variant']}/{r['config']}",
             r["batch_size"],
             f"{r['step_ms']['median']:.1f}",
             f"{r['step_ms']['min']:.1f}",
@@ -1120,6 +1123,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--peft_lora", action="store_true", help="PEFT's LoRA forward instead of fused_lora's")
     p.add_argument("--flat_params", action="store_true", help="AdamW over one aligned flat tensor (experiment)")
     p.add_argument("--adapter_cache", action="store_true", help="fused LoRA reads per-step adapter copies (experiment)")
+    p.add_argument("--masked_attention", action="store_true", help="LLM attention with the padding mask (upstream's)")
+    p.add_argument(
+        "--ab",
+        nargs="+",
+        default=["base"],
+        type=ab_config,
+        help="same-process A/B: measure every variant under each configuration in turn (one model build and "
+        "compile, same host); base = the flags as given, flat/cache/masked add --flat_params/--adapter_cache/"
+        "--masked_attention; combine with +, e.g. flat+cache",
+    )
     p.add_argument("--profile", action="store_true", help="chrome trace of 3 steps per configuration")
     p.add_argument("--out_dir", default=os.environ.get("OUT") or "bench_out")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
@@ -1234,19 +1247,50 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
     }
     for batch_size in settings.batch_sizes:
         batches = make_batches(batch_size, settings, ctx)
-        for variant in settings.variants:
+        for variant, config in itertools.product(settings.variants, args.ab):
             flops = step_flops(dims, variant)["total"]
+            parts = set(config.split("+"))
+            if cache is not None:
+                cache.enabled = args.adapter_cache or "cache" in parts
+            run_settings = replace(settings, flat_params=args.flat_params or "flat" in parts)
+            llm = base_model(modules.vla).language_model
+            if args.masked_attention or "masked" in parts:  # compiled code guards on this: it recompiles
+                restore_attention(llm, "sdpa")
+            else:
+                use_right_padded_causal_attention(llm)
             if ctx.is_main:
-                log.info("measuring %s, batch %d per rank, %d rank(s)", variant, batch_size, ctx.world_size)
-            result = measure_safely(modules, variant, batch_size, batches, settings, ctx=ctx, flops_per_sample=flops)
+                log.info(
+                    "measuring %s (%s), batch %d per rank, %d rank(s)", variant, config, batch_size, ctx.world_size
+                )
+            result = measure_safely(
+                modules, variant, batch_size, batches, run_settings, ctx=ctx, flops_per_sample=flops
+            )
             result.setdefault("variant", variant)
             result.setdefault("batch_size", batch_size)
+            result["config"] = config
+            result["adapter_cache_layout"] = _cache_layout(cache)
+            result["llm_attention"] = llm.config._attn_implementation
             results.append(combine_ranks(result, ctx, batch_size))
             if ctx.is_main:  # a later configuration may time out or crash: keep what is measured
                 write_report(report, out_dir, args.tag)
                 log.info("result: %s", format_table([results[-1]]).splitlines()[-1])
         del batches
     return report
+
+
+def ab_config(text: str) -> str:
+    """An --ab entry: "base" or parts of AB_PARTS joined by "+"."""
+    parts = text.split("+")
+    if text != "base" and not all(part in AB_PARTS for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: use base or a +-joined subset of {AB_PARTS}")
+    return text
+
+
+def _cache_layout(cache: Any) -> str:
+    """How the adapter cache made its copies in the last measurement: off, mirror or concatenate."""
+    if cache is None or not cache.enabled:
+        return "off"
+    return "mirror" if cache._source is not None else "concatenate"
 
 
 def write_report(report: dict[str, Any], out_dir: Path, tag: str) -> Path:

@@ -12,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
+from prismatic.training.distributed import DistributedContext, GradientSynchronizer
 from prismatic.training.fused_lora import FusedLoraLinear, adapter_cache, fuse_lora_layers
 from prismatic.training.model_setup import apply_lora
 
@@ -326,3 +327,96 @@ def test_adapter_cache_layout_changes_leave_no_stale_copies():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_plain = fused(x).detach()
     assert torch.equal(y_cached, y_plain)
+
+
+def _flatten_trainable(model: nn.Module, align: int) -> torch.nn.Parameter:
+    cpu = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return GradientSynchronizer(params, cpu, align=align).flat_parameters()
+
+
+@pytest.mark.parametrize("alpha_pattern", [None, {"o": 24}], ids=["one_scale", "scale_per_layer"])
+def test_adapter_cache_mirrors_flat_parameters(alpha_pattern):
+    """With the weights in one aligned flat tensor the copies are that tensor's adapter span, scaled and cast
+    in one kernel (mirror layout): same copies (bits), outputs and gradients as the concatenating layout,
+    new values after an AdamW step on the flat tensor, and a re-made flat tensor is followed."""
+    _, concat = peft_pair(dtype=torch.float32, alpha_pattern=alpha_pattern)
+    mirrored = copy.deepcopy(concat)
+    mirrored.prismatic_adapter_cache = type(adapter_cache(concat))(
+        [m for m in mirrored.modules() if isinstance(m, FusedLoraLinear)]
+    )
+    x = torch.randn(4, 10, 16)
+    _bf16_run(mirrored, x, cache_on=True)  # laid out for separate weights first
+    assert adapter_cache(mirrored)._source is None
+    flat = _flatten_trainable(mirrored, align=64)  # the next entry notices the move and mirrors
+    y_concat, g_concat = _bf16_run(concat, x, cache_on=True)
+    y_mirror, g_mirror = _bf16_run(mirrored, x, cache_on=True)
+    cache = adapter_cache(mirrored)
+    assert cache._source is not None  # mirror layout
+    assert adapter_cache(concat)._source is None  # concatenating layout
+    assert cache._source.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    for layer, twin in zip(cache.layers, adapter_cache(concat).layers, strict=True):
+        name = layer.active_adapters[0]
+        assert torch.equal(layer.cached_lora_a, (layer.lora_A[name].weight * layer.scaling[name]).bfloat16())
+        assert torch.equal(layer.cached_lora_a, twin.cached_lora_a)
+        assert torch.equal(layer.cached_lora_b, twin.cached_lora_b)
+    assert torch.equal(y_mirror, y_concat)
+    assert g_mirror.keys() == g_concat.keys()
+    for key, g in g_concat.items():
+        assert torch.equal(g_mirror[key], g), key
+
+    optimizer = torch.optim.AdamW([flat], lr=0.1)  # one tensor: the layers' weights are views into it
+    flat.grad = torch.randn_like(flat)
+    optimizer.step()
+    y_cached, _ = _bf16_run(mirrored, x, cache_on=True)
+    y_plain, _ = _bf16_run(mirrored, x, cache_on=False)
+    assert torch.equal(y_cached, y_plain)
+    assert not torch.equal(y_cached, y_mirror)
+
+    old_source = cache._source
+    new_flat = _flatten_trainable(mirrored, align=64)  # weights move to a new storage: the copies follow
+    with torch.no_grad():
+        new_flat.mul_(-1.0)
+    y_cached, _ = _bf16_run(mirrored, x, cache_on=True)
+    y_plain, _ = _bf16_run(mirrored, x, cache_on=False)
+    assert cache._source is not old_source
+    assert torch.equal(y_cached, y_plain)
+
+
+def test_adapter_cache_falls_back_to_concatenation_for_unaligned_flat_parameters():
+    """Flat weights at offsets that would leave a bf16 copy misaligned for GEMMs (align=4 elements) are
+    concatenated instead (copies in their own aligned buffer); outputs stay those of the per-layer casts."""
+    _, fused = peft_pair(dtype=torch.float32)
+    _flatten_trainable(fused, align=4)
+    cache = adapter_cache(fused)
+    x = torch.randn(4, 10, 16)
+    y_cached, _ = _bf16_run(fused, x, cache_on=True)
+    y_plain, _ = _bf16_run(fused, x, cache_on=False)
+    offsets = [p.storage_offset() for n, p in fused.named_parameters() if "lora_" in n]
+    assert any(o % cache.ALIGN for o in offsets)  # the mirror layout would misalign some copy
+    assert cache._source is None
+    assert all(layer.cached_lora_a.storage_offset() % cache.ALIGN == 0 for layer in cache.layers)
+    assert torch.equal(y_cached, y_plain)
+
+
+def test_mirror_layout_leaves_frozen_adapters_to_per_layer_casts():
+    """Adapters frozen before flattening are not in the flat tensor: the mirror covers the trainable ones,
+    the frozen layer keeps casting per layer, and the outputs stay those of the per-layer path."""
+    _, fused = peft_pair(dtype=torch.float32)
+    frozen = next(m for m in fused.modules() if isinstance(m, FusedLoraLinear))
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    _flatten_trainable(fused, align=64)
+    x = torch.randn(4, 10, 16)
+    y_cached, g_cached = _bf16_run(fused, x, cache_on=True)
+    y_plain, g_plain = _bf16_run(fused, x, cache_on=False)
+    cache = adapter_cache(fused)
+    assert cache._source is not None
+    assert frozen._adapter_cache is None
+    assert not hasattr(frozen, "cached_lora_a")
+    assert [layer._adapter_cache is cache for layer in cache.layers] == [False, True]
+    assert torch.equal(y_cached, y_plain)
+    assert g_cached.keys() == g_plain.keys()
+    assert len(g_cached) == 2  # the trainable layer's A and B
+    for key, g in g_plain.items():
+        assert torch.equal(g_cached[key], g), key

@@ -478,7 +478,8 @@ def save_policy_components(
     written = {}
     for component, state in parts.items():
         path = dst / component_file_name(component, step_tag)
-        _atomic_torch_save({k: v.detach().cpu() for k, v in state.items()}, path)
+        # copy=True: a view into a larger tensor (flat parameters) would otherwise save that whole storage
+        _atomic_torch_save({k: v.detach().to("cpu", copy=True) for k, v in state.items()}, path)
         written[component] = path
     return written
 

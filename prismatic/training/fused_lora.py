@@ -339,17 +339,21 @@ class AdapterCache:
     Without it every fused layer casts its fp32 adapter weights to bf16 in each forward and its bf16 weight
     gradients back to fp32 in each backward: four small kernels per layer and step, ~1,500 launches for the
     full model. Here :meth:`active` (entered once per ``Trainer`` step) re-makes all copies, which are views
-    into one flat buffer, with a handful of kernels (a batched concatenation, a scale, one cast), and the
-    layers' backward writes fp32 gradients directly (:func:`lora_linear_cached`). The copies are re-made on
-    every entry, not on detected changes: fused AdamW updates parameters without bumping their version
-    counters, so "unchanged" cannot be told cheaply. (A per-tensor ``_foreach_copy_`` across dtypes is not
+    into one flat buffer, with one to three kernels (see the layouts below), and the layers' backward
+    writes fp32 gradients directly (:func:`lora_linear_cached`). The copies are re-made on every entry, not
+    on detected changes: fused AdamW updates parameters without bumping their version counters, so
+    "unchanged" cannot be told cheaply. (A per-tensor ``_foreach_copy_`` across dtypes is not
     a batched kernel: it cost ~7 ms per step on an H200 host.)
 
-    **Off by default**, measured (docs/BENCHMARKS.md, log item 18): on an H200 the layers' GPU time drops by
-    1-6 ms per plain step, but the refresh still costs ~6-7 ms of host time at the start of each step (the
-    concatenation handles ~1,100 separate tensors), so the step got slower. With the trainable weights laid
-    out in one flat fp32 buffer the refresh becomes a single cast kernel; until then, enable it only to
-    experiment (``cache.enabled = True``; the benchmark's ``--adapter_cache``).
+    Two layouts, picked from where the weights live:
+
+    * **mirror** (the weights are views into one flat fp32 tensor, ``GradientSynchronizer.flat_parameters``):
+      the copies are the span of that tensor holding the adapters, scaled and cast by a single kernel.
+    * **concatenate** (separate weight tensors): a batched concatenation, a scale and a cast. The
+      concatenation handles ~1,100 tensors: ~6-7 ms of host time per step on an H200 host, which ate the
+      1-6 ms the layers gain on the GPU (docs/BENCHMARKS.md, log item 18).
+
+    **Off by default**; enable it with ``cache.enabled = True`` (the benchmark's ``--adapter_cache``).
 
     Layers read the copies only inside :meth:`active` and only for the autocast dtype they were made in;
     everywhere else (evaluation scripts, fp32 runs, tests) the plain fused path runs, so a stale copy is never
@@ -368,6 +372,8 @@ class AdapterCache:
         self._a_numel = 0
         self._a_scale: float | torch.Tensor = 1.0
         self._first: tuple[FusedLoraLinear, torch.Tensor] | None = None
+        self._source: torch.Tensor | None = None  # the weights' span of a flat parameter tensor (mirror mode)
+        self._weight_ptr = 0
         self._built = False
 
     def reset(self) -> None:
@@ -383,23 +389,46 @@ class AdapterCache:
                 layer._buffers.pop(attr, None)
         entries = [(layer, name) for layer in self.layers if (name := layer._fused_adapter()) is not None]
         self._built = True
+        self._source = None
         if not entries:
             self._flat, self._sources, self.dtype = None, [], dtype
             return
         device = entries[0][0].lora_A[entries[0][1]].weight.device
+        mirror = self._mirror_layout(entries)
+        if mirror is not None:  # trainable weights in one flat tensor: the copies mirror a span of it
+            entries, offsets, source = mirror
         weights = [layer.lora_A[name].weight for layer, name in entries]
         weights += [layer.lora_B[name].weight for layer, name in entries]
-        offsets, sources, end = [], [], 0
-        for w in weights:
-            offsets.append(end)
-            sources.append(w)
-            end += w.numel()
-            pad = -end % self.ALIGN
-            if pad:
-                sources.append(torch.zeros(pad, dtype=w.dtype, device=device))
-                end += pad
-        flat = torch.empty(end, dtype=dtype, device=device)
         n = len(entries)
+        scales = [float(layer.scaling[name]) for layer, name in entries]
+        self._weight_ptr = weights[0].untyped_storage().data_ptr()  # old weights stay referenced: no reuse
+        if mirror is not None:
+            self._source, self._sources = source, []
+            scale_dtype = dtype if all(torch.tensor(s, dtype=dtype).item() == s for s in scales) else torch.float32
+            self._a_scale = torch.ones(source.numel(), dtype=scale_dtype, device=device)
+            for i, s in enumerate(scales):
+                self._a_scale[offsets[i] : offsets[i] + weights[i].numel()] = s
+            flat = torch.empty(source.numel(), dtype=dtype, device=device)
+        else:  # separate tensors: concatenate them (with zero pads keeping every copy aligned) at each refresh
+            offsets, sources, end = [], [], 0
+            for w in weights:
+                offsets.append(end)
+                sources.append(w)
+                end += w.numel()
+                pad = -end % self.ALIGN
+                if pad:
+                    sources.append(torch.zeros(pad, dtype=w.dtype, device=device))
+                    end += pad
+            self._sources = sources
+            flat = torch.empty(end, dtype=dtype, device=device)
+            self._a_numel = offsets[n]  # the A copies (with their pads) come first
+            if len(set(scales)) == 1:
+                self._a_scale = scales[0]
+            else:  # one scale per element of the A region
+                counts = [offsets[i + 1] - offsets[i] for i in range(n)]
+                self._a_scale = torch.repeat_interleave(
+                    torch.tensor(scales, device=device), torch.tensor(counts, device=device)
+                )
         for i, (layer, name) in enumerate(entries):
             for attr, k in (("cached_lora_a", i), ("cached_lora_b", n + i)):
                 view = flat[offsets[k] : offsets[k] + weights[k].numel()].view(weights[k].shape)
@@ -407,31 +436,53 @@ class AdapterCache:
             layer._adapter_cache = self
             layer._cached_adapter = name
             layer._cached_scale = float(layer.scaling[name])  # a later scale change bypasses the copies
-        self._a_numel = offsets[n]  # the A copies (with their pads) come first
-        scales = [float(layer.scaling[name]) for layer, name in entries]
-        if len(set(scales)) == 1:
-            self._a_scale = scales[0]
-        else:  # one scale per element of the A region
-            counts = [offsets[i + 1] - offsets[i] for i in range(n)]
-            self._a_scale = torch.repeat_interleave(
-                torch.tensor(scales, device=device), torch.tensor(counts, device=device)
-            )
-        self._flat, self._sources, self.dtype = flat, sources, dtype
+        self._flat, self.dtype = flat, dtype
         self._first = (entries[0][0], entries[0][0].cached_lora_a)
 
-    def _moved(self) -> bool:
-        """``module.to()`` replaces buffer objects: then the layers no longer read the flat buffer."""
+    def _mirror_layout(self, entries: list[tuple[FusedLoraLinear, str]]) -> tuple[list, list[int], torch.Tensor] | None:
+        """When the trainable adapters' weights are contiguous views into one storage
+        (``GradientSynchronizer.flat_parameters``) at offsets that keep the copies aligned: those layers (the
+        others, with frozen adapters, keep casting per layer), each weight's offset (all A's, then all B's)
+        within the smallest span holding them all, and that span as a 1-D tensor. Else None."""
+        kept = [(m, a) for m, a in entries if m.lora_A[a].weight.requires_grad and m.lora_B[a].weight.requires_grad]
+        weights = [m.lora_A[a].weight for m, a in kept] + [m.lora_B[a].weight for m, a in kept]
+        if not weights:
+            return None
+        ptr = weights[0].untyped_storage().data_ptr()
+        if any(
+            w.untyped_storage().data_ptr() != ptr or w.dtype != weights[0].dtype or not w.is_contiguous()
+            for w in weights
+        ):
+            return None
+        start = min(w.storage_offset() for w in weights)
+        end = max(w.storage_offset() + w.numel() for w in weights)
+        offsets = [w.storage_offset() - start for w in weights]
+        if any(o % self.ALIGN for o in offsets):
+            return None
+        with torch.no_grad():
+            storage = torch.empty(0, dtype=weights[0].dtype, device=weights[0].device)
+            storage.set_(weights[0].untyped_storage())
+        return kept, offsets, storage[start:end]
+
+    def _stale(self) -> bool:
+        """``module.to()`` replaced the copies (the layers no longer read the flat buffer), or the weights
+        moved to another storage (``flat_parameters``)."""
         layer, view = self._first
+        if layer.lora_A[layer._cached_adapter].weight.untyped_storage().data_ptr() != self._weight_ptr:
+            return True  # the weights moved (e.g. into a flat tensor, or a new one): the layout may change
         return layer.cached_lora_a is not view
 
     def refresh(self, dtype: torch.dtype) -> None:
-        """Re-make every copy from the current fp32 weights, in ``dtype``: one concatenation of the weights
-        (batched copy kernels), one scale of the A part, one cast into the flat buffer of copies."""
-        if not self._built or dtype != self.dtype or (self._flat is not None and self._moved()):
+        """Re-make every copy from the current fp32 weights, in ``dtype`` (mirror layout: one kernel; else a
+        concatenation of the weights, one scale of the A part and one cast into the flat buffer of copies)."""
+        if not self._built or dtype != self.dtype or (self._flat is not None and self._stale()):
             self._build(dtype)
         if self._flat is None:
             return
         with torch.no_grad():
+            if self._source is not None:  # one kernel: scale (fp32) and cast the weights' span into the copies
+                torch.mul(self._source, self._a_scale, out=self._flat)
+                return
             dense = torch.cat([w.reshape(-1) for w in self._sources])
             dense[: self._a_numel].mul_(self._a_scale)
             self._flat.copy_(dense)

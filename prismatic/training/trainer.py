@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from prismatic.extern.hf.modeling_prismatic import action_head_inputs
+from prismatic.models.llm_attention import RIGHT_PADDED_CAUSAL, check_right_padded
 from prismatic.training.distributed import DistributedContext, GradientSynchronizer
 from prismatic.training.fused_lora import adapter_cache
 
@@ -133,6 +134,10 @@ class Trainer:
         self.craft = craft
         self._training_mode: bool | None = None
         self.adapter_cache = adapter_cache(modules.vla)  # compute-dtype adapter copies of fused LoRA layers
+        vla = modules.vla.get_base_model() if hasattr(modules.vla, "get_base_model") else modules.vla
+        llm = getattr(vla, "language_model", None)
+        # Mask-free causal attention is exact only for right-padded rows: check batches still on the CPU.
+        self.needs_right_padding = llm is not None and llm.config._attn_implementation == RIGHT_PADDED_CAUSAL
 
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the final gradients, clipped to ``max_grad_norm`` if set. Without clipping it is
@@ -146,6 +151,11 @@ class Trainer:
         if self.adapter_cache is None:
             return contextlib.nullcontext()
         return self.adapter_cache.active(self.settings.autocast_dtype)
+
+    def _to_device(self, batch: dict) -> dict:
+        if self.needs_right_padding and batch["attention_mask"].device.type == "cpu":
+            check_right_padded(batch["attention_mask"])  # on the host for free; on a GPU it would stall the step
+        return move_batch(batch, self.ctx.device)
 
     def _set_mode(self, training: bool) -> None:
         """``train()``/``eval()`` walk ~5000 modules (~10 ms): only do it when the mode actually changes."""
@@ -202,7 +212,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro_batches):
             last = i == n - 1
-            batch = move_batch(batch, self.ctx.device)
+            batch = self._to_device(batch)
             losses, out = self.forward(batch)
             if self.craft is not None:
                 with self._autocast():
@@ -246,7 +256,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         with self._adapters():
             for batch in batches:
-                losses, _ = self.forward(move_batch(batch, self.ctx.device))
+                losses, _ = self.forward(self._to_device(batch))
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.float() / max(1, len(batches))
         names = sorted(sums)
