@@ -1271,6 +1271,12 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
             result["adapter_cache_layout"] = _cache_layout(cache)
             result["llm_attention"] = llm.config._attn_implementation
             results.append(combine_ranks(result, ctx, batch_size))
+            if run_settings.flat_params and not args.flat_params:  # later configurations: separate tensors again
+                with torch.no_grad():
+                    for p in modules.trainable_parameters():
+                        p.data = p.data.clone()
+            if cache is not None:
+                cache.reset()  # free the copies; the next entry lays them out for the weights as they are then
             if ctx.is_main:  # a later configuration may time out or crash: keep what is measured
                 write_report(report, out_dir, args.tag)
                 log.info("result: %s", format_table([results[-1]]).splitlines()[-1])

@@ -272,3 +272,15 @@ def test_compile_mode_flags(tmp_path: Path) -> None:
         config(compile=True, compile_mode="fast")
     with pytest.raises(ValueError, match="--pad_to_multiple_of"):
         config(pad_to_multiple_of=0)
+
+
+def test_non_finite_step_stops_the_run_after_logging_the_steps_before(tiny_base: Path, tmp_path: Path) -> None:
+    """A huge learning rate blows the weights up after step 1, so step 2's loss is not finite: its update is
+    skipped on the device and the run stops naming step 2, although metrics are read one step late (step 3
+    was already launched). Step 1 is logged, step 2 is not, and no checkpoint is written."""
+    args = tiny_args(tiny_base, tmp_path, batch_size=2, max_steps=4, save_freq=100, learning_rate=1e30)
+    with pytest.raises(AssertionError, match="non-finite loss or gradient at step 2: its update was skipped"):
+        run_finetune(args)
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1]
+    assert not list((tmp_path / "run").glob("*_chkpt"))

@@ -381,6 +381,9 @@ def test_adapter_cache_mirrors_flat_parameters(alpha_pattern):
     y_plain, _ = _bf16_run(mirrored, x, cache_on=False)
     assert cache._source is not old_source
     assert torch.equal(y_cached, y_plain)
+    cache.reset()  # frees the copies and lets go of the flat storage
+    assert cache._source is None
+    assert not any(hasattr(layer, "cached_lora_a") or layer._adapter_cache for layer in cache.layers)
 
 
 def test_adapter_cache_falls_back_to_concatenation_for_unaligned_flat_parameters():

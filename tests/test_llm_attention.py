@@ -108,6 +108,13 @@ def test_policy_trains_with_mask_free_attention_and_refuses_left_padding(tiny_co
     )  # fmt: skip
     assert vla.language_model.config._attn_implementation == RIGHT_PADDED_CAUSAL
     assert reference.language_model.config._attn_implementation != RIGHT_PADDED_CAUSAL
+    again = build_policy(
+        StartPoint(OpenVLAForActionPrediction(vla.config), None, None, "random"), platform=LIBERO, num_images=2,
+        use_lora=False, lora_rank=4, lora_dropout=0.0, use_pro_version=True, use_proprio=False, noise_std=0.0,
+        right_padded_attention=False,
+    )  # fmt: skip
+    assert again.vla.language_model.config._attn_implementation == "sdpa"  # the shared config is switched back
+    use_right_padded_causal_attention(vla.language_model)
     vla.config.save_pretrained(tmp_path)
     assert RIGHT_PADDED_CAUSAL not in (tmp_path / "config.json").read_text()
     batch = make_training_batch([5, 9, 3])

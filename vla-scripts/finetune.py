@@ -163,21 +163,41 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
     )
     global_batch = cfg.batch_size * cfg.grad_accumulation_steps * ctx.world_size
     stream = data.train_steps(start_step)
+    # Metrics are read one step late: step k's values are fetched (the loop's one host sync) after step k+1 is
+    # launched, so the GPU never idles while the host prepares the next batch and launches it. Before a
+    # validation pass or a checkpoint the pending step is read first, so both see a checked, finished step.
+    pending: tuple[int, dict] | None = None
+    clock = [time.perf_counter()]
+
+    def read(step: int, metrics: dict) -> dict[str, float]:
+        """Step ``step``'s metrics on the host (waits for that step on the GPU); stops on a skipped update."""
+        values = {k: float(v) for k, v in metrics.items()}
+        if values.pop("skipped_update"):  # a non-finite loss or gradient norm
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {step + 1}: its update was skipped and the run stops (the "
+                f"last checkpoint before it is in {run_dir}). Values: {values}"
+            )
+        now = time.perf_counter()
+        values["samples_per_s"] = global_batch / (now - clock[0])
+        clock[0] = now
+        return values
+
     try:
         for step in range(start_step, cfg.max_steps):
-            t0 = time.perf_counter()
             metrics = trainer.step(next(stream), step)
-            values = {k: float(v) for k, v in metrics.items()}  # the step's one host sync
-            if values.pop("skipped_update"):  # a non-finite loss or gradient norm
-                raise FloatingPointError(
-                    f"non-finite loss or gradient at step {step + 1}: its update was skipped (weights and optimizer "
-                    f"state are those after step {step}; checkpoints in {run_dir}). Values: {values}"
-                )
-            values["samples_per_s"] = global_batch / (time.perf_counter() - t0)
-            if cfg.val_freq and (step + 1) % cfg.val_freq == 0:
+            if pending is not None:
+                logger.log(pending[0] + 1, read(*pending))
+            pending = (step, metrics)
+            validate = bool(cfg.val_freq) and (step + 1) % cfg.val_freq == 0
+            save = checkpoints.should_save(step + 1, cfg.max_steps)
+            if not (validate or save):
+                continue
+            values = read(*pending)
+            pending = None
+            if validate:
                 values.update({k: float(v) for k, v in trainer.evaluate(data.val_batches()).items()})
             logger.log(step + 1, values)
-            if checkpoints.should_save(step + 1, cfg.max_steps):
+            if save:
                 extra = {"craft": craft.state_dict() if craft is not None else None, "run_id": run_id}
                 checkpoints.save(
                     step + 1,
@@ -187,6 +207,9 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
                     dataset_statistics=data.dataset_statistics,
                     extra_state=extra,
                 )
+            clock[0] = time.perf_counter()  # throughput counts training steps, not evaluation or saving
+        if pending is not None:
+            logger.log(pending[0] + 1, read(*pending))
     finally:
         logger.close()
 

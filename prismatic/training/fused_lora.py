@@ -373,12 +373,18 @@ class AdapterCache:
         self._a_scale: float | torch.Tensor = 1.0
         self._first: tuple[FusedLoraLinear, torch.Tensor] | None = None
         self._source: torch.Tensor | None = None  # the weights' span of a flat parameter tensor (mirror mode)
-        self._weight_ptr = 0
+        self._watched: list[tuple[torch.Tensor, int]] = []  # (weight, storage address) checked by _stale
         self._built = False
 
     def reset(self) -> None:
-        """Forget the copies' layout (after parameters were replaced or adapters changed)."""
+        """Forget the copies' layout and free them (after parameters were replaced or adapters changed)."""
+        for layer in self.layers:
+            layer._adapter_cache = None
+            for attr in ("cached_lora_a", "cached_lora_b"):
+                layer._buffers.pop(attr, None)
         self._flat, self.dtype, self._built = None, None, False
+        self._source, self._sources, self._a_scale, self._first = None, [], 1.0, None
+        self._watched = []
 
     ALIGN = 64  # elements: each copy starts 128-byte aligned in the flat buffer (GEMM operands need >= 16)
 
@@ -401,7 +407,10 @@ class AdapterCache:
         weights += [layer.lora_B[name].weight for layer, name in entries]
         n = len(entries)
         scales = [float(layer.scaling[name]) for layer, name in entries]
-        self._weight_ptr = weights[0].untyped_storage().data_ptr()  # old weights stay referenced: no reuse
+        # Storages the layout was made for (first and last weight): a move of the weights (flat_parameters)
+        # shows up as a new address. In the mirror layout ``_source`` holds the old storage, so its address
+        # cannot be reused; with separate tensors a reuse would only delay a switch to the mirror layout.
+        self._watched = [(weights[i], weights[i].untyped_storage().data_ptr()) for i in (0, -1)]
         if mirror is not None:
             self._source, self._sources = source, []
             scale_dtype = dtype if all(torch.tensor(s, dtype=dtype).item() == s for s in scales) else torch.float32
@@ -468,7 +477,7 @@ class AdapterCache:
         """``module.to()`` replaced the copies (the layers no longer read the flat buffer), or the weights
         moved to another storage (``flat_parameters``)."""
         layer, view = self._first
-        if layer.lora_A[layer._cached_adapter].weight.untyped_storage().data_ptr() != self._weight_ptr:
+        if any(w.untyped_storage().data_ptr() != ptr for w, ptr in self._watched):
             return True  # the weights moved (e.g. into a flat tensor, or a new one): the layout may change
         return layer.cached_lora_a is not view
 

@@ -21,7 +21,7 @@ from prismatic.extern.hf.configuration_prismatic import OpenVLAConfig
 from prismatic.extern.hf.modeling_prismatic import OpenVLAForActionPrediction
 from prismatic.models.action_heads import L1RegressionActionHead
 from prismatic.models.checkpoints import find_component_file, load_prismatic_base_checkpoint, load_vla_release
-from prismatic.models.llm_attention import use_right_padded_causal_attention
+from prismatic.models.llm_attention import RIGHT_PADDED_CAUSAL, restore_attention, use_right_padded_causal_attention
 from prismatic.models.projectors import ProprioProjector
 from prismatic.training.fused_lora import fuse_lora_layers
 from prismatic.training.trainer import PolicyModules
@@ -137,12 +137,15 @@ def build_policy(
     """Wrap the start point into trainable modules (fp32 parameters; compute dtype comes from autocast).
 
     ``right_padded_attention``: the LLM attends causally without a padding mask, which is exact for the
-    right-padded batches training uses and ~2x faster attention (``prismatic/models/llm_attention.py``).
+    right-padded batches training uses and ~2x faster attention (``prismatic/models/llm_attention.py``). This
+    sets the attention implementation on the model's text config, an object the caller's config shares.
     """
     vla = start.vla
     config = vla.config
     if right_padded_attention:
         use_right_padded_causal_attention(vla.language_model)
+    elif vla.language_model.config._attn_implementation == RIGHT_PADDED_CAUSAL:
+        restore_attention(vla.language_model, "sdpa")
     llm_dim = config.text_config.hidden_size
     if use_lora:
         model: nn.Module = apply_lora(vla, lora_rank, lora_dropout, fused=fused_lora)
