@@ -167,10 +167,11 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
     # launched, so the GPU never idles while the host prepares the next batch and launches it. Before a
     # validation pass or a checkpoint the pending step is read first, so both see a checked, finished step.
     pending: tuple[int, dict] | None = None
-    clock = [time.perf_counter()]
+    last_read = time.perf_counter()
 
     def read(step: int, metrics: dict) -> dict[str, float]:
         """Step ``step``'s metrics on the host (waits for that step on the GPU); stops on a skipped update."""
+        nonlocal last_read
         values = {k: float(v) for k, v in metrics.items()}
         if values.pop("skipped_update"):  # a non-finite loss or gradient norm
             raise FloatingPointError(
@@ -178,8 +179,8 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
                 f"last checkpoint before it is in {run_dir}). Values: {values}"
             )
         now = time.perf_counter()
-        values["samples_per_s"] = global_batch / (now - clock[0])
-        clock[0] = now
+        values["samples_per_s"] = global_batch / (now - last_read)
+        last_read = now
         return values
 
     try:
@@ -207,7 +208,7 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
                     dataset_statistics=data.dataset_statistics,
                     extra_state=extra,
                 )
-            clock[0] = time.perf_counter()  # throughput counts training steps, not evaluation or saving
+            last_read = time.perf_counter()  # throughput counts training steps, not evaluation or saving
         if pending is not None:
             logger.log(pending[0] + 1, read(*pending))
     finally:

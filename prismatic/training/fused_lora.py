@@ -59,10 +59,15 @@ def lora_linear(
     return _forward(x, weight, bias, lora_a, lora_b)
 
 
-@lora_linear.register_fake
-def _(x, weight, bias, lora_a, lora_b):
+def _fake_forward(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output shapes of both forward ops: y [..., out] and xa [tokens, r]."""
     tokens = x.numel() // x.shape[-1]
     return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(tokens, lora_a.shape[0])
+
+
+@lora_linear.register_fake
+def _(x, weight, bias, lora_a, lora_b):
+    return _fake_forward(x, weight, lora_a)
 
 
 @torch.library.custom_op("prismatic::lora_linear_backward", mutates_args=())
@@ -162,8 +167,7 @@ def lora_linear_cached(
 
 @lora_linear_cached.register_fake
 def _(x, weight, bias, cached_a, cached_b, lora_a, lora_b, scale):
-    tokens = x.numel() // x.shape[-1]
-    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(tokens, cached_a.shape[0])
+    return _fake_forward(x, weight, cached_a)
 
 
 @torch.library.custom_op("prismatic::lora_linear_cached_backward", mutates_args=())
@@ -389,15 +393,10 @@ class AdapterCache:
     ALIGN = 64  # elements: each copy starts 128-byte aligned in the flat buffer (GEMM operands need >= 16)
 
     def _build(self, dtype: torch.dtype) -> None:
-        for layer in self.layers:  # a layer left out of this layout must not read an old copy
-            layer._adapter_cache = None
-            for attr in ("cached_lora_a", "cached_lora_b"):
-                layer._buffers.pop(attr, None)
+        self.reset()  # a layer left out of this layout must not read an old copy
         entries = [(layer, name) for layer in self.layers if (name := layer._fused_adapter()) is not None]
-        self._built = True
-        self._source = None
+        self._built, self.dtype = True, dtype
         if not entries:
-            self._flat, self._sources, self.dtype = None, [], dtype
             return
         device = entries[0][0].lora_A[entries[0][1]].weight.device
         mirror = self._mirror_layout(entries)
@@ -412,7 +411,7 @@ class AdapterCache:
         # cannot be reused; with separate tensors a reuse would only delay a switch to the mirror layout.
         self._watched = [(weights[i], weights[i].untyped_storage().data_ptr()) for i in (0, -1)]
         if mirror is not None:
-            self._source, self._sources = source, []
+            self._source = source
             scale_dtype = dtype if all(torch.tensor(s, dtype=dtype).item() == s for s in scales) else torch.float32
             self._a_scale = torch.ones(source.numel(), dtype=scale_dtype, device=device)
             for i, s in enumerate(scales):

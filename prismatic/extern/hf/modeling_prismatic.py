@@ -37,32 +37,30 @@ CHANNELS_PER_BACKBONE = 3  # RGB per vision branch; one image carries 3 * n_back
 # ----------------------------------------------------------------------------------------------------------------
 # Position helpers (vectorized; docs/ARCHITECTURE.md "Sequence layout")
 # ----------------------------------------------------------------------------------------------------------------
-def _check(ok: torch.Tensor, message: Callable[[], str]) -> None:
-    """Raise ValueError(message()) unless the bool tensor ``ok`` is all true.
+def _check(ok: torch.Tensor, message: str, details: Callable[[], str] | None = None) -> None:
+    """Raise ValueError unless the bool tensor ``ok`` is all true (``details()``, when given, replaces the
+    message with one naming the bad rows).
 
     CPU tensors are checked on the host. On an accelerator reading the result would stall the host until the
     device catches up (mid-step, in training: the GPU then idles while the host launches the rest of the
-    step), so there the check is a device-side assertion instead: no sync, and a bad batch still stops the
-    run (as a device assert, with less detail). Training batches are built on the CPU by the collator, which
-    lays the slots out itself.
+    step), so there the check is a device-side assertion with ``message``: no sync, and a bad batch still
+    stops the run. Training batches are built on the CPU by the collator, which lays the slots out itself.
     """
-    if ok.device.type == "cpu":
-        if not bool(ok.all()):
-            raise ValueError(message())
-    else:
-        torch._assert_async(ok.all(), message())
+    if ok.device.type != "cpu":
+        torch._assert_async(ok.all(), message)
+    elif not bool(ok.all()):
+        raise ValueError(details() if details is not None else message)
 
 
 def _check_slots_per_row(action_slot_mask: torch.Tensor, what: str) -> None:
     counts = action_slot_mask.sum(dim=1)
+    message = f"Every row needs exactly {NUM_TOKENS} action slots ({what})"
 
-    def message() -> str:
-        if counts.device.type != "cpu":
-            return f"every row needs exactly {NUM_TOKENS} action slots ({what})"
+    def details() -> str:
         bad = (counts != NUM_TOKENS).nonzero().flatten().tolist()
-        return f"Every row needs exactly {NUM_TOKENS} action slots ({what}); rows {bad} have {counts[bad].tolist()}"
+        return f"{message}; rows {bad} have {counts[bad].tolist()}"
 
-    _check(counts == NUM_TOKENS, message)
+    _check(counts == NUM_TOKENS, message, details)
 
 
 def action_slot_mask_from_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -77,7 +75,7 @@ def readout_positions(action_slot_mask: torch.Tensor, num_patches: int) -> torch
     _check_slots_per_row(action_slot_mask, "action_slot_mask")
     # A stable sort puts the True positions first, in increasing order: the slot text indices s_0 < ... < s_63.
     slot_index = torch.sort((~action_slot_mask).to(torch.uint8), dim=1, stable=True).indices[:, :NUM_TOKENS]
-    _check(slot_index[:, 0] >= 1, lambda: "An action slot at text index 0 has no preceding token to read out from")
+    _check(slot_index[:, 0] >= 1, "An action slot at text index 0 has no preceding token to read out from")
     return slot_index + (num_patches - 1)
 
 
