@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -82,23 +83,19 @@ def episode_example(episode: dict) -> dict:
     return {"steps": steps, "episode_metadata": {"file_path": episode["file_path"]}}
 
 
-def _builder_class(dataset_name: str, version: str, num_episodes: int, min_len: int, max_len: int, seed: int):
+def _builder_class(dataset_name: str, version: str, description: str, examples: Callable[[], Iterable[dict]]):
+    """A GeneratorBasedBuilder class for ``examples()`` (rendered episodes), made at runtime for any name."""
     tfds = import_tfds()
 
     def _info(self: Any) -> Any:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=f"Synthetic LIBERO-format pick-and-lift task (seed={seed}, {num_episodes} episodes).",
-            features=libero_features(),
-        )
+        return tfds.core.DatasetInfo(builder=self, description=description, features=libero_features())
 
     def _split_generators(self: Any, dl_manager: Any) -> dict:
         return {"train": self._generate_examples()}
 
     def _generate_examples(self: Any):
-        for index in range(num_episodes):
-            length = episode_length(seed, index, min_len, max_len)
-            yield f"episode_{index:06d}", episode_example(render_episode(seed, index, length))
+        for index, episode in enumerate(examples()):
+            yield f"episode_{index:06d}", episode_example(episode)
 
     namespace = {
         "name": dataset_name,
@@ -112,6 +109,27 @@ def _builder_class(dataset_name: str, version: str, num_episodes: int, min_len: 
         "__module__": "synthetic_rlds_builder",
     }
     return type("SyntheticLiberoBuilder", (tfds.core.GeneratorBasedBuilder,), namespace, skip_registration=True)
+
+
+def write_episodes_rlds(
+    data_root_dir: str | os.PathLike,
+    dataset_name: str,
+    episodes: Callable[[], Iterable[dict]],
+    *,
+    description: str = "Episodes in the LIBERO RLDS layout.",
+    version: str = "1.0.0",
+    num_shards: int | None = None,
+) -> Path:
+    """Write episodes (``render_episode``'s dict layout, produced lazily by ``episodes()``) as a LIBERO-format
+    TFDS dataset at ``<data_root_dir>/<dataset_name>/<version>/``; images are JPEG-encoded by tfds, as in the
+    real LIBERO release. Also used to store simulator frames for the evaluation's input-parity test."""
+    tfds = import_tfds()
+    cls = _builder_class(dataset_name, version, description, episodes)
+    builder = cls(data_dir=os.fspath(data_root_dir))
+    config = tfds.download.DownloadConfig(try_download_gcs=False, num_shards=num_shards)
+    with tempfile.TemporaryDirectory(prefix="synthetic_rlds_dl_") as download_dir:  # stays empty: no downloads
+        builder.download_and_prepare(download_dir=download_dir, download_config=config)
+    return Path(builder.data_dir)
 
 
 def write_synthetic_rlds(
@@ -129,10 +147,12 @@ def write_synthetic_rlds(
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
     episode_length(seed, 0, min_len, max_len)  # validates the length range before any work
-    tfds = import_tfds()
-    cls = _builder_class(dataset_name, version, num_episodes, min_len, max_len, seed)
-    builder = cls(data_dir=os.fspath(data_root_dir))
-    config = tfds.download.DownloadConfig(try_download_gcs=False, num_shards=num_shards)
-    with tempfile.TemporaryDirectory(prefix="synthetic_rlds_dl_") as download_dir:  # stays empty: no downloads
-        builder.download_and_prepare(download_dir=download_dir, download_config=config)
-    return Path(builder.data_dir)
+
+    def episodes() -> Iterable[dict]:
+        for index in range(num_episodes):
+            yield render_episode(seed, index, episode_length(seed, index, min_len, max_len))
+
+    description = f"Synthetic LIBERO-format pick-and-lift task (seed={seed}, {num_episodes} episodes)."
+    return write_episodes_rlds(
+        data_root_dir, dataset_name, episodes, description=description, version=version, num_shards=num_shards
+    )

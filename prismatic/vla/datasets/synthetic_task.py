@@ -9,11 +9,15 @@ different colours, and the gripper seen from above as a dark ring (open) or disk
 height. The wrist camera is centred on the gripper: the blocks appear at their offset from the gripper, and the
 fingers are two bars whose gap shows how far the gripper is open. The instruction names the target colour.
 
-Policy (a deterministic function of what the images and instruction show):
+Expert policy (a deterministic function of what the images and instruction show):
   * approach: xy = clip(GAIN * (target - gripper)), z = clip(GAIN * (0 - height)), gripper open;
   * once the gripper is within GRASP_RADIUS of the target at table height: close and lift (z = +LIFT_ACTION),
     the block moves with the gripper; above HOLD_HEIGHT the arm holds still (xyz = 0, gripper closed).
   * rotation actions are a constant per target colour (readable from the instruction) plus tiny noise.
+
+``PickLiftEnv`` is the task as a closed-loop environment (LIBERO's observation keys, ``step``,
+``check_success``): the data generator drives it with the expert, the closed-loop evaluation
+(experiments/robot/libero/run_libero_eval.py --task_suite_name synthetic) with a policy.
 
 Conventions are those of the real LIBERO RLDS files (see rlds.py):
   * action[6] (gripper) is stored as -1 = open, +1 = close; the reader maps it to 1 = open, 0 = close;
@@ -137,63 +141,217 @@ def _render_wrist(
     return img.astype(np.uint8)
 
 
-def render_episode(seed: int, episode_index: int, length: int, spec: SyntheticTaskSpec = SPEC) -> dict:
-    """Render one deterministic episode.
+@dataclass
+class _Scene:
+    """Mutable state of one episode (workspace units: xy in [-1, 1], height in [0, 1], openness in [0, 1])."""
 
-    Returns numpy arrays (raw, as stored on disk): images / wrist_images uint8 [L, 256, 256, 3],
+    target_c: int
+    distractor_c: int
+    instruction: str
+    target: np.ndarray
+    distractor: np.ndarray
+    gripper: np.ndarray
+    height: float
+    base_rot: np.ndarray
+    joint_offsets: np.ndarray
+    openness: float = 1.0
+    grasped: bool = False
+
+
+class PickLiftEnv:
+    """The pick-and-lift task as a closed-loop environment, with LIBERO's observation keys and conventions.
+
+    One class serves both sides: ``render_episode`` (the training data) drives it with ``expert_action``, and the
+    closed-loop evaluation drives it with a policy. So the frames, states and dynamics a policy meets in closed
+    loop are by construction those it was trained on.
+
+    LIBERO conventions reproduced: camera images come out rotated by 180 degrees (robosuite renders upside down;
+    the eval rotates them back, as for LIBERO), proprio arrives as ``robot0_eef_pos`` (3), ``robot0_eef_quat``
+    (4, x y z w) and ``robot0_gripper_qpos`` (2), actions are 7-D with the gripper at -1 = open / +1 = close,
+    and ``step`` returns ``done = check_success()``.
+
+    Grasping: a closing command grasps the target block when the gripper centre is above the block (within its
+    half side, ``block_half_px`` in workspace units, per axis) at table height; an opening command drops it. The
+    expert closes only within ``grasp_radius`` of the block centre, a subset of that region, so the expert's
+    episodes are the ones the data generator always produced. Success: the block is held at least
+    ``LIFT_SUCCESS_HEIGHT`` above the table.
+    """
+
+    LIFT_SUCCESS_HEIGHT = 0.25  # half of SPEC.hold_height, where the expert stops lifting
+
+    def __init__(self, spec: SyntheticTaskSpec = SPEC) -> None:
+        self.spec = spec
+        self.rng: np.random.Generator | None = None
+        self.scene: _Scene | None = None
+        self.frame: dict[str, np.ndarray] = {}  # the current upright images and state vectors, as stored on disk
+
+    # -------------------------------------------------------------------------------------------- episode --
+    def reset(
+        self, rng: np.random.Generator, target_color: int | None = None, template: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Draw a scene from ``rng`` (which the episode keeps using) and return the first observation.
+
+        ``target_color`` / ``template`` fix the target colour index and the instruction template (evaluation
+        tasks); the draws for them are still made, so the rest of the scene is the same as without them.
+        """
+        spec, n_colors = self.spec, len(self.spec.color_names)
+        target_c = int(rng.integers(n_colors))
+        if target_color is not None:
+            if not 0 <= target_color < n_colors:
+                raise ValueError(f"target_color must be in 0..{n_colors - 1}, got {target_color}")
+            target_c = target_color
+        distractor_c = int((target_c + rng.integers(1, n_colors)) % n_colors)
+        template_index = int(rng.integers(len(spec.instruction_templates)))
+        if template is not None:
+            template_index = template
+        instruction = spec.instruction_templates[template_index].format(spec.color_names[target_c])
+        target = rng.uniform(-0.7, 0.7, size=2)
+        distractor = rng.uniform(-0.7, 0.7, size=2)
+        while np.linalg.norm(distractor - target) < 0.5:
+            distractor = rng.uniform(-0.7, 0.7, size=2)
+        gripper = rng.uniform(-0.8, 0.8, size=2)
+        height = float(rng.uniform(0.2, 0.5))
+        base_rot = np.array([np.pi, 0.0, 0.25 * (target_c - (n_colors - 1) / 2.0)])
+        joint_offsets = rng.uniform(-0.3, 0.3, size=7)
+        self.rng = rng
+        self.scene = _Scene(target_c, distractor_c, instruction, target, distractor, gripper, height, base_rot,
+                            joint_offsets)  # fmt: skip
+        self._render()
+        return self.observation()
+
+    @property
+    def instruction(self) -> str:
+        return self._require_scene().instruction
+
+    def step(self, action: np.ndarray | list[float]) -> tuple[dict[str, np.ndarray], float, bool, dict]:
+        """Apply one 7-D action (clipped to [-1, 1] as robosuite's controller does); LIBERO's return signature."""
+        self._advance(np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0))
+        self._render()
+        success = self.check_success()
+        return self.observation(), float(success), success, {}
+
+    def check_success(self) -> bool:
+        scene = self._require_scene()
+        return scene.grasped and scene.height >= self.LIFT_SUCCESS_HEIGHT
+
+    def expert_action(self) -> np.ndarray:
+        """The scripted policy that produced the training data (draws its rotation noise from the episode rng).
+
+        approach: xy = clip(gain * (target - gripper)), z = clip(gain * (0 - height)), gripper open; once within
+        grasp_radius of the target at table height: close and lift (+lift_action); above hold_height: hold still.
+        """
+        spec, scene = self.spec, self._require_scene()
+        will_hold = scene.grasped or (
+            np.linalg.norm(scene.target - scene.gripper) < spec.grasp_radius and scene.height < spec.table_eps
+        )
+        if not will_hold:
+            xyz = np.clip(spec.gain * np.array([*(scene.target - scene.gripper), -scene.height]), -1.0, 1.0)
+            grip = spec.gripper_open_raw
+        elif scene.height < spec.hold_height:
+            xyz, grip = np.array([0.0, 0.0, spec.lift_action]), spec.gripper_close_raw
+        else:
+            xyz, grip = np.zeros(3), spec.gripper_close_raw
+        d_rot = 0.1 * scene.base_rot[2:3].repeat(3) * np.array([1.0, -1.0, 0.5])
+        d_rot = d_rot + self._require_rng().normal(0.0, spec.rotation_noise_std, size=3)
+        return np.concatenate([xyz, d_rot, [grip]])
+
+    # ---------------------------------------------------------------------------------------- observation --
+    def observation(self) -> dict[str, np.ndarray]:
+        """LIBERO-style observation: 180-degree-rotated camera images and the robot's proprio keys."""
+        state = self.frame["state"].astype(np.float64)
+        return {
+            "agentview_image": np.ascontiguousarray(self.frame["image"][::-1, ::-1]),
+            "robot0_eye_in_hand_image": np.ascontiguousarray(self.frame["wrist_image"][::-1, ::-1]),
+            "robot0_eef_pos": state[0:3],
+            "robot0_eef_quat": axisangle_to_quat(state[3:6]),
+            "robot0_gripper_qpos": state[6:8],
+        }
+
+    # ----------------------------------------------------------------------------------------- internals --
+    def _require_scene(self) -> _Scene:
+        if self.scene is None:
+            raise RuntimeError("PickLiftEnv: call reset() before using the environment")
+        return self.scene
+
+    def _require_rng(self) -> np.random.Generator:
+        self._require_scene()
+        return self.rng  # type: ignore[return-value]
+
+    def _advance(self, action: np.ndarray) -> None:
+        """Dynamics of one step: grasp or drop on the gripper command, then move and open/close."""
+        spec, scene = self.spec, self._require_scene()
+        closing = action[6] > 0
+        if closing and not scene.grasped and self._gripper_above_block() and scene.height < spec.table_eps:
+            scene.grasped = True
+        elif not closing and scene.grasped:  # dropped: the block falls onto the table under the gripper
+            scene.grasped = False
+            scene.target = scene.gripper.copy()
+        xyz = action[:3]
+        scene.gripper = np.clip(scene.gripper + spec.step_xy * xyz[:2], -1.0, 1.0)
+        scene.height = float(np.clip(scene.height + spec.step_z * xyz[2], 0.0, 1.0))
+        scene.openness = float(np.clip(scene.openness + (-0.5 if closing else 0.5), 0.0, 1.0))
+
+    def _gripper_above_block(self) -> bool:
+        scene = self._require_scene()
+        half_side = self.spec.block_half_px / ((self.spec.image_size - 2 * self.spec.workspace_margin_px) / 2.0)
+        return bool(np.all(np.abs(scene.target - scene.gripper) <= half_side))
+
+    def _render(self) -> None:
+        """Draw both cameras and the state vectors of the current scene (draws texture and rotation noise)."""
+        spec, scene, rng = self.spec, self._require_scene(), self._require_rng()
+        block_height = scene.height if scene.grasped else 0.0
+        target_pos = scene.gripper.copy() if scene.grasped else scene.target
+        blocks = [
+            (scene.distractor, 0.0, spec.color_rgb[scene.distractor_c]),
+            (target_pos, block_height, spec.color_rgb[scene.target_c]),
+        ]
+        image = _render_primary(rng, blocks, scene.gripper, scene.height, scene.openness < 0.5, spec)
+        wrist = _render_wrist(rng, blocks, scene.gripper, scene.height, scene.openness, spec)
+        rot = scene.base_rot + rng.normal(0.0, 0.01, size=3)
+        finger = spec.open_finger * scene.openness
+        xyz = [*scene.gripper, scene.height]
+        self.frame = {
+            "image": image,
+            "wrist_image": wrist,
+            "state": np.concatenate([xyz, rot, [finger, -finger]]),
+            "joint_state": scene.joint_offsets + np.concatenate([xyz, rot, [scene.openness]]),
+        }
+
+
+def axisangle_to_quat(axis_angle: np.ndarray) -> np.ndarray:
+    """Axis-angle vector (angle = norm, any angle in [0, 2 pi)) -> unit quaternion (x, y, z, w), robosuite's order.
+
+    The inverse of LIBERO's quat2axisangle for angles below 2 pi (that function does not canonicalize: w < 0
+    gives an angle above pi), so the eval's proprio path recovers the stored axis-angle.
+    """
+    v = np.asarray(axis_angle, dtype=np.float64)
+    angle = float(np.linalg.norm(v))
+    if angle < 1e-12:
+        return np.array([0.0, 0.0, 0.0, 1.0])
+    return np.concatenate([v / angle * np.sin(angle / 2.0), [np.cos(angle / 2.0)]])
+
+
+def render_episode(seed: int, episode_index: int, length: int, spec: SyntheticTaskSpec = SPEC) -> dict:
+    """Render one deterministic expert episode: ``PickLiftEnv`` driven by ``expert_action``.
+
+    Returns numpy arrays (raw, as stored on disk): images / wrist_images uint8 [L, 256, 256, 3] (upright),
     states float32 [L, 8], joint_states float32 [L, 7], actions float32 [L, 7] (gripper -1 open / +1 close),
     rewards float32 [L] (1 on the last step), instruction str, file_path str.
     """
     if length < 1:
         raise ValueError(f"episode length must be >= 1, got {length}")
-    rng = episode_rng(seed, episode_index)
-    n_colors = len(spec.color_names)
-    target_c = int(rng.integers(n_colors))
-    distractor_c = int((target_c + rng.integers(1, n_colors)) % n_colors)
-    instruction = spec.instruction_templates[int(rng.integers(len(spec.instruction_templates)))].format(
-        spec.color_names[target_c]
-    )
-    target = rng.uniform(-0.7, 0.7, size=2)
-    distractor = rng.uniform(-0.7, 0.7, size=2)
-    while np.linalg.norm(distractor - target) < 0.5:
-        distractor = rng.uniform(-0.7, 0.7, size=2)
-    gripper = rng.uniform(-0.8, 0.8, size=2)
-    height = float(rng.uniform(0.2, 0.5))
-    openness, grasped = 1.0, False
-    base_rot = np.array([np.pi, 0.0, 0.25 * (target_c - (n_colors - 1) / 2.0)])
-    joint_offsets = rng.uniform(-0.3, 0.3, size=7)
-
+    env = PickLiftEnv(spec)
+    env.reset(episode_rng(seed, episode_index))
     arrays: dict[str, list] = {k: [] for k in ("images", "wrist_images", "states", "joint_states", "actions")}
-    for _ in range(length):
-        block_height = height if grasped else 0.0
-        target_pos = gripper.copy() if grasped else target
-        blocks = [
-            (distractor, 0.0, spec.color_rgb[distractor_c]),
-            (target_pos, block_height, spec.color_rgb[target_c]),
-        ]
-        arrays["images"].append(_render_primary(rng, blocks, gripper, height, openness < 0.5, spec))
-        arrays["wrist_images"].append(_render_wrist(rng, blocks, gripper, height, openness, spec))
-        rot = base_rot + rng.normal(0.0, 0.01, size=3)
-        finger = spec.open_finger * openness
-        arrays["states"].append(np.concatenate([gripper, [height], rot, [finger, -finger]]))
-        arrays["joint_states"].append(joint_offsets + np.concatenate([gripper, [height], rot, [openness]]))
-
-        if not grasped and np.linalg.norm(target - gripper) < spec.grasp_radius and height < spec.table_eps:
-            grasped = True
-        if not grasped:
-            xyz = np.clip(spec.gain * np.array([*(target - gripper), -height]), -1.0, 1.0)
-            grip = spec.gripper_open_raw
-        elif height < spec.hold_height:
-            xyz, grip = np.array([0.0, 0.0, spec.lift_action]), spec.gripper_close_raw
-        else:
-            xyz, grip = np.zeros(3), spec.gripper_close_raw
-        d_rot = 0.1 * base_rot[2:3].repeat(3) * np.array([1.0, -1.0, 0.5])
-        d_rot = d_rot + rng.normal(0.0, spec.rotation_noise_std, size=3)
-        arrays["actions"].append(np.concatenate([xyz, d_rot, [grip]]))
-
-        gripper = np.clip(gripper + spec.step_xy * xyz[:2], -1.0, 1.0)
-        height = float(np.clip(height + spec.step_z * xyz[2], 0.0, 1.0))
-        openness = float(np.clip(openness + (0.5 if grip == spec.gripper_open_raw else -0.5), 0.0, 1.0))
+    for t in range(length):
+        for key, frame_key in (("images", "image"), ("wrist_images", "wrist_image"), ("states", "state"),
+                               ("joint_states", "joint_state")):  # fmt: skip
+            arrays[key].append(env.frame[frame_key])
+        action = env.expert_action()
+        arrays["actions"].append(action)
+        env._advance(action)
+        if t < length - 1:  # the frame after the last action is never stored
+            env._render()
 
     out = {k: np.stack(v) for k, v in arrays.items()}
     for key in ("states", "joint_states", "actions"):
@@ -201,8 +359,8 @@ def render_episode(seed: int, episode_index: int, length: int, spec: SyntheticTa
     rewards = np.zeros(length, dtype=np.float32)
     rewards[-1] = 1.0
     out["rewards"] = rewards
-    out["instruction"] = instruction
-    out["file_path"] = f"/synthetic/{instruction.replace(' ', '_')}_demo.hdf5"
+    out["instruction"] = env.instruction
+    out["file_path"] = f"/synthetic/{env.instruction.replace(' ', '_')}_demo.hdf5"
     return out
 
 
