@@ -1,0 +1,1 @@
+"""LIBERO (and synthetic) closed-loop evaluation: runner, simulator workers, results."""
