@@ -11,7 +11,10 @@ wrong accumulation scale (losses and steps would differ by a factor of 2).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -284,3 +287,49 @@ def test_non_finite_step_stops_the_run_after_logging_the_steps_before(tiny_base:
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1]
     assert not list((tmp_path / "run").glob("*_chkpt"))
+
+
+def test_progress_bar_shows_loss_retention_lambda_and_throughput(tmp_path: Path) -> None:
+    """The bar reads the keys the trainer and CRaFT actually log (it once filtered on a key nobody wrote)."""
+    import io
+
+    from prismatic.training.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, is_main=True, total_steps=3, show_progress=True)
+    logger._bar.fp = io.StringIO()  # keep the test output clean
+    logger.log(1, {"loss": 0.5, "l1_current": 0.25, "lr": 1e-4, "samples_per_s": 12.5,
+                   "craft/retention_loss": torch.tensor(0.0123), "craft/lambda": 0.75})  # fmt: skip
+    postfix = logger._bar.postfix
+    for part in ("loss=0.5", "l1=0.25", "L_ret=0.0123", "lambda=0.75", "lr=0.0001", "samples/s=12.5"):
+        assert part in postfix, f"{part!r} missing from the progress bar: {postfix!r}"
+    logger.log(2, {"loss": 0.4, "lr": 1e-4})  # a plain run: no CRaFT keys, no error
+    assert "L_ret" not in logger._bar.postfix
+    logger.close()
+
+
+def test_stale_temp_checkpoints_are_removed_and_a_failed_save_cleans_up(tmp_path: Path) -> None:
+    """A killed save leaves .tmp-<step>-<pid>/ behind: the next start removes it (not a live writer's); a save that
+    fails (here: a disk error while writing) removes its own temp dir before the error propagates."""
+    from prismatic.training.checkpointing import CheckpointManager
+    from prismatic.training.distributed import DistributedContext
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".tmp-3-{int(dead.stdout)}"
+    live = tmp_path / f".tmp-4-{os.getpid()}"
+    for path in (stale, live):
+        (path / "lora_adapter").mkdir(parents=True)
+        (path / "lora_adapter" / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    manager = CheckpointManager(tmp_path, "run", ctx, save_freq=1, latest_only=False, merge_lora=False)
+    assert manager.removed_temp_dirs == [stale]
+    assert not stale.exists()
+    assert live.exists()
+
+    def disk_full(dst: Path, *args: object) -> None:
+        (dst / "partial.bin").write_bytes(b"y" * 100)
+        raise OSError(28, "No space left on device")
+
+    manager._write_release_files = disk_full
+    with pytest.raises(OSError, match="No space left"):
+        manager.save(7, None, None, None, dataset_statistics={}, extra_state={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]

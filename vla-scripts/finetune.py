@@ -137,6 +137,8 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
         latest_only=cfg.save_latest_checkpoint_only,
         merge_lora=cfg.merge_lora_during_training,
     )
+    for path in checkpoints.removed_temp_dirs:
+        log.info("removed %s, a checkpoint left half-written by an earlier run", path)
     start_step = 0
     if cfg.resume:
         state = checkpoints.load(checkpoints.find(cfg.resume_step), modules, optimizer, scheduler)

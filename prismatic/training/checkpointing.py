@@ -41,6 +41,7 @@ from prismatic.models.checkpoints import (
 from prismatic.training.distributed import DistributedContext
 from prismatic.training.trainer import PolicyModules
 
+TEMP_PREFIX = ".tmp-"  # .tmp-<step>-<pid>: a checkpoint being written
 STATE_DIR = "training_state"
 STATE_FILE = "state.pt"
 LORA_DIR = "lora_adapter"
@@ -123,6 +124,19 @@ class CheckpointManager:
         self.save_freq = save_freq
         self.latest_only = latest_only
         self.merge_lora = merge_lora
+        self.removed_temp_dirs = self.remove_stale_temp_dirs() if ctx.is_main else []
+
+    def remove_stale_temp_dirs(self) -> list[Path]:
+        """Delete half-written checkpoints left by killed or failed saves (their writer process is gone)."""
+        removed = []
+        if not self.run_dir.is_dir():
+            return removed
+        for path in self.run_dir.glob(f"{TEMP_PREFIX}*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if path.is_dir() and not (pid.isdigit() and _process_alive(int(pid))):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
 
     def should_save(self, step: int, max_steps: int) -> bool:
         """``step`` counts completed optimizer steps; save at the interval and at the very end."""
@@ -140,19 +154,23 @@ class CheckpointManager:
     ) -> Path:
         final = checkpoint_dir(self.run_dir, self.run_id, step, self.latest_only)
         if self.ctx.is_main:
-            tmp = self.run_dir / f".tmp-{step}-{os.getpid()}"
+            tmp = self.run_dir / f"{TEMP_PREFIX}{step}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            self._write_release_files(tmp, step, modules, dataset_statistics)
-            state = {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "world_size": self.ctx.world_size,
-                **extra_state,
-            }
-            (tmp / STATE_DIR).mkdir()
-            torch.save(state, tmp / STATE_DIR / STATE_FILE)
+            try:
+                self._write_release_files(tmp, step, modules, dataset_statistics)
+                state = {
+                    "step": step,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "world_size": self.ctx.world_size,
+                    **extra_state,
+                }
+                (tmp / STATE_DIR).mkdir()
+                torch.save(state, tmp / STATE_DIR / STATE_FILE)
+            except BaseException:  # e.g. a full disk: do not leave gigabytes of half a checkpoint behind
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             self._publish(tmp, final)
         self.ctx.barrier()
         return final
@@ -251,6 +269,16 @@ class CheckpointManager:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         return state
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def _component_path(ckpt: Path, name: str) -> Path:

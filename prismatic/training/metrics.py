@@ -13,7 +13,20 @@ from typing import Any
 
 from tqdm import tqdm
 
-PROGRESS_KEYS = ("loss", "l1_current", "lr", "craft/retention_loss", "craft/lambda")
+# metric key -> its label on the progress bar (a key missing from a row, e.g. CRaFT's in a plain run, is skipped)
+PROGRESS_LABELS = {
+    "loss": "loss",
+    "l1_current": "l1",
+    "craft/retention_loss": "L_ret",
+    "craft/lambda": "lambda",
+    "lr": "lr",
+    "samples_per_s": "samples/s",
+}
+
+
+def progress_postfix(row: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's postfix for one metrics row: loss, L1, L_ret, lambda, LR and samples/s when present."""
+    return {label: f"{row[key]:.4g}" for key, label in PROGRESS_LABELS.items() if isinstance(row.get(key), int | float)}
 
 
 def _plain(value: Any) -> Any:
@@ -91,8 +104,7 @@ class MetricsLogger:
             f.write(json.dumps(row) + "\n")
         if self._bar is not None:
             self._bar.update(1)
-            shown = {k: v for k, v in row.items() if k in ("loss", "l1_current", "lr", "craft/L_ret", "craft/lambda")}
-            self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in shown.items() if isinstance(v, float)})
+            self._bar.set_postfix(progress_postfix(row))
         if self._wandb is not None and step % self.wandb_log_freq == 0:
             self._wandb.log(row, step=step)
 
