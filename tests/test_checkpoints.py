@@ -490,3 +490,29 @@ def test_lora_adapter_from_another_base_is_rejected(lora_run, tmp_path):
 def test_lora_checkpoint_without_base_is_an_error(lora_run):
     with pytest.raises(CheckpointError, match="base_model_dir"):
         load_vla_release(lora_run["ckpt"])
+
+
+def test_unreadable_weight_files_are_named_in_the_error(tmp_path: Path) -> None:
+    """A truncated or foreign safetensors file, and a truncated HF model dir, give errors that name the file."""
+    from prismatic.extern.hf.configuration_prismatic import tiny_openvla_config
+    from prismatic.models.checkpoints import CheckpointError, load_hf_vla, read_safetensors
+    from prismatic.training.model_setup import load_start_point
+
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.arange(1000, dtype=torch.float32)}, str(good))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for bad in (truncated, tmp_path / "missing.safetensors"):
+        with pytest.raises(CheckpointError, match=str(bad)):
+            read_safetensors(bad)
+    assert torch.equal(read_safetensors(good)["w"], torch.arange(1000, dtype=torch.float32))
+
+    config = tiny_openvla_config()
+    hf_dir = tmp_path / "hf"
+    OpenVLAForActionPrediction(config).save_pretrained(hf_dir)
+    weights = hf_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    with pytest.raises(CheckpointError, match=str(hf_dir)):
+        load_hf_vla(hf_dir)
+    with pytest.raises(CheckpointError, match=str(hf_dir)):
+        load_start_point(str(hf_dir), use_minivlm=False)

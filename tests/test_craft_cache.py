@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -26,11 +27,14 @@ from prismatic.training.craft_cache import (
     FEATURES_FILE,
     KEYS_FILE,
     METADATA_FILE,
+    BadChunkError,
     CachedAnchor,
     CacheMismatchError,
+    ChunkWorkspace,
     CorruptCacheError,
     FeatureCache,
     MissingKeysError,
+    _load_chunk,
     expected_metadata,
     model_fingerprint,
     workspace_dir,
@@ -319,7 +323,114 @@ def test_corrupt_caches_are_refused(reference_cache, tmp_path):
     data[10] ^= 0x01
     (flipped / FEATURES_FILE).write_bytes(bytes(data))
     with pytest.raises(CorruptCacheError, match="sha256"):
-        FeatureCache.open(flipped).verify_checksum()
+        FeatureCache.open(flipped)
+
+
+# ------------------------------------------------------------------------------------------- integrity ---
+def last_traceback_line(err: BaseException) -> str:
+    """The line a user sees last when ``err`` escapes (after any chained cause)."""
+    return "".join(traceback.format_exception(err)).rstrip().splitlines()[-1]
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Change one byte in place (same size, every other byte untouched)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x40]))
+
+
+def test_same_size_corruption_is_refused_naming_the_file(reference_cache, statistics, tiny_model, tmp_path):
+    expected = expected_for(tiny_model, statistics)
+    CachedAnchor.from_cache_dir(reference_cache, expected)  # the untouched cache opens (and verifies)
+    recorded = json.loads((reference_cache / METADATA_FILE).read_text())
+    assert {"features_sha256", "keys_sha256"} <= recorded.keys()
+
+    size = (reference_cache / FEATURES_FILE).stat().st_size
+    for offset in (size // 2 + 1, size - 1):  # a byte in the middle and the last byte, not only the first ones
+        bad = copy_cache(reference_cache, tmp_path / f"flipped_{offset}")
+        flip_byte(bad / FEATURES_FILE, offset)
+        assert (bad / FEATURES_FILE).stat().st_size == size
+        with pytest.raises(CorruptCacheError) as info:
+            CachedAnchor.from_cache_dir(bad, expected)  # what finetune's CachedAnchor.open calls
+        message = str(info.value)
+        assert f"CRaFT cache file {bad / FEATURES_FILE} is corrupt" in message
+        assert f"records features_sha256 {recorded['features_sha256']}" in message  # expected ...
+        assert "its sha256 is " in message  # ... vs found
+        assert f"rm -r {bad}" in message
+        assert "build_craft_cache.py" in message
+        assert recorded["created"]["command"] in message  # the command that built it
+        assert str(bad / FEATURES_FILE) in last_traceback_line(info.value)
+        FeatureCache.open(bad, verify=False)  # the explicit opt-out still opens it
+
+    # A key list that is still valid JSON but altered (two keys swapped: same set, wrong rows).
+    swapped = copy_cache(reference_cache, tmp_path / "swapped_keys")
+    keys = json.loads((swapped / KEYS_FILE).read_text())
+    keys[0], keys[-1] = keys[-1], keys[0]
+    (swapped / KEYS_FILE).write_text(json.dumps(keys, indent=2))
+    with pytest.raises(CorruptCacheError, match=rf"cache file {swapped / KEYS_FILE} is corrupt"):
+        FeatureCache.open(swapped)
+
+    # Backwards compatibility: a cache from before keys_sha256 is verified by features_sha256 alone; one without
+    # any recorded hash is refused, asking for a rebuild.
+    old = copy_cache(reference_cache, tmp_path / "old")
+    meta = json.loads((old / METADATA_FILE).read_text())
+    del meta["keys_sha256"]
+    (old / METADATA_FILE).write_text(json.dumps(meta))
+    FeatureCache.open(old)
+    flip_byte(old / FEATURES_FILE, size // 3)
+    with pytest.raises(CorruptCacheError, match=rf"cache file {old / FEATURES_FILE} is corrupt"):
+        FeatureCache.open(old)
+    del meta["features_sha256"]
+    (old / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CorruptCacheError, match=r"records no features_sha256.*rebuild it"):
+        FeatureCache.open(old)
+
+
+def test_bad_chunks_are_named_then_deleted_and_recomputed(
+    builder, reference_cache, start_dir, data_root, tmp_path, caplog
+):
+    out = tmp_path / "cache"
+    args = build_args(start_dir, data_root, out)
+    first = builder.main([*args, "--stop_after_chunks=3"])
+    assert not first.finalized
+    assert first.chunks_written == 3
+    workspace = ChunkWorkspace(workspace_dir(out))
+    intact, truncated, flipped = workspace.chunk_paths()
+
+    # Chunk 1 truncated (as by a crash on a filesystem without atomic renames), chunk 2 changed in place
+    # in the middle of its feature data (same size), plus the temp file of a chunk write that was killed.
+    raw = truncated.read_bytes()
+    truncated.write_bytes(raw[: len(raw) // 2])
+    with np.load(flipped) as data:
+        feature_bytes = data["features"].tobytes()
+    start = flipped.read_bytes().index(feature_bytes)
+    flip_byte(flipped, start + len(feature_bytes) // 2)
+    stray = workspace.directory / f".{truncated.name}.tmpkilled"
+    stray.write_bytes(raw[:100])
+
+    # Reading them names the file (and the real cause), as the last line of the traceback.
+    with pytest.raises(BadChunkError, match=rf"chunk file {truncated} cannot be read \(BadZipFile") as info:
+        workspace.finished_keys()
+    assert str(truncated) in last_traceback_line(info.value)
+    with pytest.raises(BadChunkError, match=rf"chunk file {flipped} cannot be read \(BadZipFile: Bad CRC-32"):
+        _load_chunk(flipped)  # what the merge does with every chunk
+
+    # The resumed build deletes both bad chunks and the temp file, says so, and recomputes their frames.
+    caplog.set_level("WARNING")
+    second = builder.main(args)
+    assert second.finalized
+    assert len(second.chunks_discarded) == 3
+    for path in (truncated, flipped, stray):
+        assert any(str(path) in line for line in second.chunks_discarded), (path, second.chunks_discarded)
+        assert str(path) in caplog.text
+    total = len(FeatureCache.open(reference_cache))
+    assert second.frames_skipped == SHARD  # only the intact chunk's frames
+    assert second.frames_computed == total - SHARD
+    for name in (FEATURES_FILE, KEYS_FILE):
+        assert (out / name).read_bytes() == (reference_cache / name).read_bytes(), name
+    assert not workspace.directory.exists()
 
 
 def test_mismatched_caches_are_refused_naming_each_field(reference_cache, statistics, tiny_model):
@@ -349,6 +460,14 @@ def test_mismatched_caches_are_refused_naming_each_field(reference_cache, statis
         CachedAnchor.from_cache_dir(reference_cache, everything)
     for field in ("model_fingerprint", "datasets", "anchor_layer", "pooling"):
         assert f"\n  {field}: cached " in str(info.value)
+
+    # A base-VLM start point (fresh action queries drawn from --seed): the mismatch names --seed as the cause.
+    with pytest.raises(CacheMismatchError) as info:
+        CachedAnchor.from_cache_dir(reference_cache, cases["model_fingerprint"], fresh_query_seed=11)
+    assert "draw them from --seed (this run: 11)" in str(info.value)
+    with pytest.raises(CacheMismatchError) as info:  # other mismatches get no --seed note
+        CachedAnchor.from_cache_dir(reference_cache, cases["anchor_layer"], fresh_query_seed=11)
+    assert "--seed" not in str(info.value)
 
 
 def test_missing_key_is_named(reference_cache, statistics, tiny_model):

@@ -323,6 +323,22 @@ def test_listing_errors(data_root, tmp_path):
     msg = message(data_root / NAME / "1.0.0", NAME)  # two levels too deep: a version folder
     assert f"pass data_root_dir={data_root} and dataset_name='{NAME}'" in msg
 
+    # The version level missing: <root>/<name>/dataset_info.json. The hint must not say "a dataset folder, pass
+    # data_root_dir=<root's parent>" (that opens a dataset named after <root> whose "version" is <name>); it
+    # says to move the files into <name>/1.0.0/, and doing exactly that makes the dataset open.
+    flat_root = tmp_path / "flat"
+    flat_root.mkdir()
+    shutil.copytree(data_root / NAME / "1.0.0", flat_root / NAME)
+    msg = message(flat_root, NAME)
+    assert "a dataset folder" not in msg
+    assert f"move its files into {flat_root / NAME / '1.0.0'}/" in msg
+    assert f"pass data_root_dir={flat_root} and dataset_name='{NAME}'" in msg
+    files = list((flat_root / NAME).iterdir())
+    (flat_root / NAME / "1.0.0").mkdir()
+    for f in files:
+        f.rename(flat_root / NAME / "1.0.0" / f.name)
+    assert open_dataset(flat_root, NAME).version == "1.0.0"
+
 
 def test_corrupt_record_names_the_file(data_root, tmp_path):
     copy_dataset_as(data_root / NAME, tmp_path, NAME)

@@ -263,7 +263,7 @@ def test_compile_mode_flags(tmp_path: Path) -> None:
     from prismatic.training.finetune_config import FinetuneConfig
 
     def config(**kw: object) -> FinetuneConfig:
-        return FinetuneConfig(vlm_path=str(tmp_path), **kw)
+        return FinetuneConfig(vlm_path=str(tmp_path), data_source="synthetic", **kw)
 
     assert config().batch_length_multiple == 1
     assert not config(compile_mode="reduce-overhead").cuda_graphs  # the mode only matters when compiling

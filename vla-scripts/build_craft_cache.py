@@ -13,8 +13,10 @@ augmentation); the model runs in eval mode under no_grad (bf16 autocast on CUDA,
 pooled with CRaFTFeatureExtractor and stored as float16, keyed by the pipeline's sample keys.
 
 Interrupted builds resume: each rank writes numbered chunk files atomically into ``<output_dir>.chunks/`` and,
-on restart, skips frames already in a finished chunk. Rank 0 merges the chunks into ``<output_dir>`` (temp dir,
-then rename) after checking for duplicates and that the frame count equals the datasets' num_transitions.
+on restart, skips frames already in a finished chunk. Before that, rank 0 reads every chunk in full and deletes
+(logging a warning that names it) any truncated or damaged one, whose frames are then recomputed. Rank 0 merges
+the chunks into ``<output_dir>`` (temp dir, then rename) after checking for duplicates and that the frame count
+equals the datasets' num_transitions, and records the sha256 of the features and keys, checked at every open.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class CacheBuildConfig:
     # fmt: off
     # --- Start point (as finetune's --vlm_path / --use_minivlm / --config_file_path) ------------------------
     pretrained_checkpoint: str = ""         # Prismatic run dir (+ --use_minivlm), HF model dir or release dir
-    use_minivlm: bool = False
+    use_minivlm: bool = False               # the start point is a Prismatic base-VLM run dir
     config_file_path: str = ""              # dir holding the HF config.json for --use_minivlm
 
     # --- Data ----------------------------------------------------------------------------------------------
@@ -76,13 +78,13 @@ class CacheBuildConfig:
     dataset_name: str = "libero_spatial_no_noops"   # a dataset or a registered mixture
     num_images_in_input: int = 2            # 1 = third-person only, 2 = + wrist camera (must match training)
     synthetic_num_episodes: int = 32        # --data_source synthetic: as finetune's flag of the same name
-    synthetic_min_len: int = 20             # --data_source synthetic: episode length range
-    synthetic_max_len: int = 40
+    synthetic_min_len: int = 20             # --data_source synthetic: shortest episode (frames)
+    synthetic_max_len: int = 40             # --data_source synthetic: longest episode (frames)
     num_parallel_calls: int | None = None   # tf.data parallelism (None = autotune)
 
     # --- Features (as finetune's --craft_anchor_layer_idx / --craft_use_mean_pooling / ...) ----------------
     anchor_layer_idx: int | None = None     # hidden-state index of C_R; None = the middle one
-    use_mean_pooling: bool = True
+    use_mean_pooling: bool = True           # pool over positions by mean (False: max), as --craft_use_mean_pooling
     feature_variant: str = "full"           # full | raw_only | aq_only
 
     # --- Output and run ------------------------------------------------------------------------------------
@@ -125,6 +127,7 @@ class BuildResult:
     frames_computed: int = 0  # by this process, this session
     frames_skipped: int = 0  # already in finished chunks
     chunks_written: int = 0  # by this process, this session
+    chunks_discarded: list[str] = dataclasses.field(default_factory=list)  # rank 0: unusable files deleted
     num_samples: int = 0
     num_chunks: int = 0
 
@@ -417,7 +420,7 @@ def run(cfg: CacheBuildConfig, ctx: DistributedContext, command: str | None = No
             print_summary(cache, output_dir, note=" (already built; nothing to do)")
     else:
         if ctx.is_main:
-            workspace.prepare(expected)
+            result.chunks_discarded = workspace.prepare(expected)  # deletes (and logs) unusable chunks
         ctx.barrier()
         workspace.check(expected)
         say(ctx, "Extracting features...")

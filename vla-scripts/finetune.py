@@ -10,13 +10,15 @@ mechanics live in ``prismatic/training/``; ``--help`` lists every flag.
 
 import dataclasses
 import logging
+import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import draccus
 import torch
 
-from prismatic.training.checkpointing import CheckpointManager, save_run_config
+from prismatic.training.checkpointing import CheckpointManager
 from prismatic.training.compilation import compile_policy
 from prismatic.training.craft_cache import CachedAnchor
 from prismatic.training.craft_step import CraftStep, OnlineAnchor
@@ -31,9 +33,10 @@ from prismatic.training.distributed import (
     shutdown_distributed,
 )
 from prismatic.training.finetune_config import FinetuneConfig
-from prismatic.training.lr_schedule import build_scheduler
+from prismatic.training.lr_schedule import build_scheduler, retarget_scheduler
 from prismatic.training.metrics import MetricsLogger
 from prismatic.training.model_setup import build_policy, cast_frozen_parameters, load_start_point
+from prismatic.training.run_dir import RunDirRefused, prepare_run_dir
 from prismatic.training.trainer import PolicyModules, StepSettings, Trainer
 from prismatic.vla.constants import LIBERO, NUM_PATCHES_PER_IMAGE
 
@@ -74,7 +77,8 @@ def build_craft(
                 "the student sees augmented pixels; L_ret then also penalizes augmentation sensitivity "
                 "(see docs/IDEA.md). Use --craft_anchor_source online for an exact anchor."
             )
-        anchor = CachedAnchor.open(craft_cfg, modules, data)
+        seed = cfg.seed if cfg.use_minivlm else None  # a base VLM's action queries are drawn from --seed
+        anchor = CachedAnchor.open(craft_cfg, modules, data, fresh_query_seed=seed)
     return CraftStep(craft_cfg, anchor, sync, num_shared=len(modules.shared_parameters()))
 
 
@@ -82,8 +86,7 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
     torch.manual_seed(cfg.seed)  # identical fresh heads on every rank (rank 0's are broadcast anyway)
     run_id = make_run_id(cfg)
     run_dir = Path(cfg.run_root_dir) / run_id
-    if ctx.is_main:
-        save_run_config(run_dir, dataclasses.asdict(cfg))
+    resume = prepare_run_dir(cfg, run_dir, run_id, ctx)  # refuses a launch that would mix or lose runs
 
     # --- Data and start point ---
     data = build_training_data(cfg, ctx)
@@ -136,15 +139,26 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
         save_freq=cfg.save_freq,
         latest_only=cfg.save_latest_checkpoint_only,
         merge_lora=cfg.merge_lora_during_training,
+        run_config=cfg,
     )
     for path in checkpoints.removed_temp_dirs:
         log.info("removed %s, a checkpoint left half-written by an earlier run", path)
     start_step = 0
-    if cfg.resume:
-        state = checkpoints.load(checkpoints.find(cfg.resume_step), modules, optimizer, scheduler)
+    if resume is not None:
+        state = checkpoints.load(resume.checkpoint, modules, optimizer, scheduler)
         start_step = int(state["step"])
         if craft is not None:
             craft.load_state_dict(state["craft"])
+        if resume.lr_schedule_changed:  # --resume_change_lr True (checked and recorded by prepare_run_dir)
+            lr = retarget_scheduler(
+                optimizer, scheduler, cfg.learning_rate, cfg.lr_warmup_steps, cfg.num_steps_before_decay
+            )
+            if ctx.is_main:
+                log.info(
+                    "--resume_change_lr: base LR %g, schedule from the flags; next update's LR %g",
+                    cfg.learning_rate,
+                    lr,
+                )
         if ctx.is_main:
             log.info("resumed from step %d", start_step)
 
@@ -217,14 +231,38 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
         logger.close()
 
 
-@draccus.wrap()
-def main(cfg: FinetuneConfig) -> None:
+def parse_flags(args: list[str] | None = None) -> FinetuneConfig:
+    """draccus parsing, but a bad flag ends with its own message (draccus wraps it in a generic ParsingError)."""
+    try:
+        return draccus.parse(config_class=FinetuneConfig, args=args)
+    except draccus.utils.DecodingError as err:  # a value that does not parse: the message names the flag
+        refuse(str(err))
+    except draccus.utils.ParsingError as err:  # FinetuneConfig.__post_init__ refused: its message is the one
+        cause: BaseException = err
+        while cause.__cause__ is not None and isinstance(cause, draccus.utils.ParsingError):
+            cause = cause.__cause__
+        refuse(str(cause))
+    except (ValueError, FileNotFoundError) as err:  # raised by __post_init__ without draccus' wrapper
+        refuse(str(err))
+
+
+def refuse(message: str) -> NoReturn:
+    """A refusal is not a crash: no traceback, the message is the last line, exit status 2 (as argparse)."""
+    print(f"finetune.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(args: list[str] | None = None) -> None:
+    cfg = parse_flags(args)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     for name in ("prismatic", "finetune"):  # our progress at INFO; libraries (tfds/absl) only warn
         logging.getLogger(name).setLevel(logging.INFO)
     ctx = init_distributed(cfg.device)
     try:
         run(cfg, ctx)
+    except RunDirRefused as err:
+        abort_distributed(ctx)
+        refuse(str(err))
     except BaseException:
         abort_distributed(ctx)  # no barrier: the other ranks may never reach it
         raise

@@ -18,13 +18,14 @@ for a base VLM, the ViTs when the base checkpoint has no ``vision_backbone`` gro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickle
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,25 @@ def _shapes(module_or_state: nn.Module | Mapping[str, torch.Tensor]) -> dict[str
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
+@contextlib.contextmanager
+def peft_without_transformers_deprecation() -> Iterator[None]:
+    """PEFT reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a FutureWarning on
+    every wrap; that one warning (PEFT's, not ours to fix) is dropped here, every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """``safetensors`` load that names the file when it is missing, truncated or not a safetensors file."""
+    try:
+        return load_safetensors(str(path), device=device)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except Exception as err:  # SafetensorError and OSError carry no file name
+        raise CheckpointError(f"cannot read {path} (truncated or not a safetensors file?): {err}") from err
+
+
 def _torch_load(path: Path) -> Any:
     """``torch.load`` of tensors/containers only, memory-mapped when the file format allows it."""
     try:
@@ -280,7 +300,10 @@ def load_hf_vla(
     path = Path(path)
     if not has_hf_model_files(path):
         raise CheckpointError(f"{path} has no HF model files (config.json + model.safetensors[.index.json])")
-    vla, info = OpenVLAForActionPrediction.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    try:
+        vla, info = OpenVLAForActionPrediction.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    except Exception as err:  # e.g. SafetensorError on a truncated model.safetensors names no file
+        raise CheckpointError(f"cannot load the HF model files in {path}: {err}") from err
     missing = set(info.get("missing_keys", ()))
     if _is_tied(vla):
         missing.discard(LM_HEAD_KEY)
@@ -628,14 +651,15 @@ def apply_lora_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     weights_path = adapter_dir / ADAPTER_WEIGHTS_NAME
     if not (adapter_dir / "adapter_config.json").is_file() or not weights_path.is_file():
         raise CheckpointError(f"{adapter_dir} lacks adapter_config.json or {ADAPTER_WEIGHTS_NAME}")
-    state = load_safetensors(weights_path)
+    state = read_safetensors(weights_path)
     copies = {k: v for k, v in state.items() if ".base_layer." in k}
     _check_base_layer_copies(model, copies, adapter_dir)
     adapter_state = {k: v for k, v in state.items() if k not in copies}
 
     peft_config = PeftConfig.from_pretrained(adapter_dir)
     peft_config.inference_mode = True
-    peft_model = PeftModel(model, peft_config)
+    with peft_without_transformers_deprecation():
+        peft_model = PeftModel(model, peft_config)
     expected = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
     missing, unexpected = expected - set(adapter_state), set(adapter_state) - expected
     if missing or unexpected:

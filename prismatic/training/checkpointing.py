@@ -8,7 +8,9 @@ where ``<step>`` reads ``latest``) holds::
     config.json, model.safetensors          (full fine-tuning, or a merged model with --merge_lora_during_training)
     action_head--<step>_checkpoint.pt       proprio_projector--<step>_checkpoint.pt   ("module."-prefixed keys)
     action_queries--<step>_checkpoint.pt    (ours: trained action queries, lost upstream unless merged)
-    training_state/state.pt                 optimizer, scheduler, step, CRaFT dual state, data position, config
+    training_state/state.pt                 optimizer, scheduler, step, CRaFT dual state (the step is also the
+                                            data position: both sources fast-forward to it)
+    training_state/finetune_config.json     the flags this checkpoint was trained with, step, world size
 
 Writes are atomic: everything goes to a temp dir on the same file system, then is renamed into place; the
 training state goes last, so a checkpoint without it is incomplete and is never resumed from. Only rank 0
@@ -20,30 +22,36 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from prismatic.extern.hf.processing_prismatic import PrismaticProcessor
 from prismatic.models.checkpoints import (
+    CheckpointError,
     find_component_file,
     load_action_queries,
     load_component_state_dict,
+    read_safetensors,
     save_policy_components,
     write_dataset_statistics,
 )
 from prismatic.training.distributed import DistributedContext
+from prismatic.training.run_dir import (
+    RUN_CONFIG_FILE,
+    STATE_DIR,
+    STATE_FILE,
+    checkpoint_record,
+    find_checkpoint,
+)
 from prismatic.training.trainer import PolicyModules
 
 TEMP_PREFIX = ".tmp-"  # .tmp-<step>-<pid>: a checkpoint being written
-STATE_DIR = "training_state"
-STATE_FILE = "state.pt"
 LORA_DIR = "lora_adapter"
 
 
@@ -117,8 +125,10 @@ class CheckpointManager:
         save_freq: int,
         latest_only: bool,
         merge_lora: bool,
+        run_config: Any = None,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.run_config = run_config  # the FinetuneConfig: each checkpoint records the flags it was trained with
         self.run_id = run_id
         self.ctx = ctx
         self.save_freq = save_freq
@@ -167,6 +177,9 @@ class CheckpointManager:
                     **extra_state,
                 }
                 (tmp / STATE_DIR).mkdir()
+                if self.run_config is not None:
+                    record = json.dumps(checkpoint_record(self.run_config, step, self.ctx.world_size), indent=2)
+                    (tmp / STATE_DIR / RUN_CONFIG_FILE).write_text(record)
                 torch.save(state, tmp / STATE_DIR / STATE_FILE)
             except BaseException:  # e.g. a full disk: do not leave gigabytes of half a checkpoint behind
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -181,7 +194,10 @@ class CheckpointManager:
         PrismaticProcessor.default().save_pretrained(dst)
         vla = modules.vla
         if isinstance(vla, PeftModel):
-            vla.save_pretrained(dst / LORA_DIR)
+            # lm_head (tied to the embedding) is one of upstream's LoRA targets, so PEFT stores its base weight
+            # in the adapter, as upstream's adapters have it (FORMAT section 7); saying so explicitly keeps the
+            # files the same and PEFT's "Setting save_embedding_layers to True" warning out of every save.
+            vla.save_pretrained(dst / LORA_DIR, save_embedding_layers=True)
             base = vla.get_base_model()
             if self.merge_lora:
                 save_merged_model(vla, dst)
@@ -217,39 +233,21 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------------- resume -------
     def find(self, resume_step: int | None) -> Path:
         """The checkpoint dir to resume from: the given step, or the newest complete one."""
-        candidates: dict[int, Path] = {}
-        pattern = re.compile(re.escape(self.run_id) + r"--(\d+)_chkpt$")
-        if self.run_dir.exists():
-            for d in self.run_dir.iterdir():
-                m = pattern.match(d.name)
-                if m and (d / STATE_DIR / STATE_FILE).exists():
-                    candidates[int(m.group(1))] = d
-        latest_state = self.run_dir / STATE_DIR / STATE_FILE
-        if latest_state.exists():
-            step = int(torch.load(latest_state, map_location="cpu", weights_only=False)["step"])
-            candidates.setdefault(step, self.run_dir)
-        if not candidates:
-            raise FileNotFoundError(
-                f"--resume: no complete checkpoint (with {STATE_DIR}/{STATE_FILE}) for run id {self.run_id!r} "
-                f"in {self.run_dir}"
-            )
-        if resume_step is None:
-            return candidates[max(candidates)]
-        if resume_step not in candidates:
-            raise FileNotFoundError(
-                f"--resume_step {resume_step}: no such checkpoint in {self.run_dir}; found steps {sorted(candidates)}"
-            )
-        return candidates[resume_step]
+        return find_checkpoint(self.run_dir, self.run_id, resume_step)[0]
 
     def load(
         self, ckpt: Path, modules: PolicyModules, optimizer: torch.optim.Optimizer, scheduler: Any
     ) -> dict[str, Any]:
         """Restore weights, optimizer and scheduler from ``ckpt``; returns the training-state dict."""
-        state = torch.load(ckpt / STATE_DIR / STATE_FILE, map_location="cpu", weights_only=False)
+        state_path = ckpt / STATE_DIR / STATE_FILE
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+        except Exception as err:  # a truncated or foreign file: say which one
+            raise CheckpointError(f"cannot read the training state {state_path}: {err}") from err
         vla = modules.vla
         device = next(modules.action_head.parameters()).device
         if isinstance(vla, PeftModel):
-            adapter = load_file(str(ckpt / LORA_DIR / "adapter_model.safetensors"), device=str(device))
+            adapter = read_safetensors(ckpt / LORA_DIR / "adapter_model.safetensors", device=str(device))
             result = set_peft_model_state_dict(vla, adapter)
             unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
             if unexpected:
@@ -257,7 +255,7 @@ class CheckpointManager:
             base = vla.get_base_model()
         else:
             base = vla
-            weights = load_file(str(ckpt / "model.safetensors"), device=str(device))
+            weights = read_safetensors(ckpt / "model.safetensors", device=str(device))
             missing, unexpected = base.load_state_dict(weights, strict=False)
             missing = [k for k in missing if k != "language_model.lm_head.weight"]
             if missing or unexpected:
@@ -290,9 +288,3 @@ def _component_path(ckpt: Path, name: str) -> Path:
 
 def _load_component(ckpt: Path, name: str, module: nn.Module) -> None:
     module.load_state_dict(load_component_state_dict(_component_path(ckpt, name)), strict=True)
-
-
-def save_run_config(run_dir: Path, config: dict) -> None:
-    """Write the run's flags as JSON next to the checkpoints (rank 0 calls this)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "finetune_config.json").write_text(json.dumps(config, indent=2, default=str))

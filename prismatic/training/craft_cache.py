@@ -9,21 +9,34 @@ Store layout (``<cache_dir>/``):
   features.f16   raw float16 [N, F], row-major (opened as an ``np.memmap``)
   keys.json      the N sample keys in row order (sorted, so the layout does not depend on ranks or chunking)
   metadata.json  what the features depend on (model fingerprint, datasets, anchor layer, pooling, variant,
-                 feature dim, number of images, image size, prompt format) plus provenance (date, host, ...)
+                 feature dim, number of images, image size, prompt format), the sha256 of features.f16 and
+                 keys.json, plus provenance (date, host, command, ...)
+
+Integrity: ``FeatureCache.open`` re-hashes features.f16 (and keys.json) in one streaming pass and refuses a
+cache whose bytes changed in place, naming the file. A full sha256 costs ~0.12 s for a LIBERO-sized cache
+(50k frames x 1792 fp16 values = 179 MB, ~1.5 GB/s on one core of a 2-core EPYC VM), so no per-block scheme is
+needed below tens of GB; ``verify=False`` skips it. Caches written before keys_sha256 existed are verified
+with their features_sha256 alone; one without features_sha256 is refused with a request to rebuild it.
 
 Build workspace (``<cache_dir>.chunks/``): ``build.json`` (the expected metadata of the build, so a resume
 with other settings is refused) and per-rank chunk files ``chunk-r<rank>-<index>.npz`` holding ``keys`` and
-``features``, each written atomically (temp file + rename). A restarted rank skips every frame whose key is
-in a finished chunk; rank 0 finally merges the chunks into a temp dir and renames it to ``<cache_dir>``.
+``features``, each written atomically (temp file + fsync + rename). On a resume, rank 0 first reads every
+chunk in full (the zip CRC-32 of each member is checked) and deletes, with a warning naming it, any chunk that
+is truncated, corrupt or of the wrong shape, plus stray temp files of a killed writer; the frames of a deleted
+chunk are then recomputed like never-computed ones. A restarted rank skips every frame whose key is in a
+finished chunk; rank 0 finally merges the chunks into a temp dir and renames it to ``<cache_dir>``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +57,9 @@ WORKSPACE_SUFFIX = ".chunks"
 FEATURE_DTYPE = np.float16
 IMAGE_SIZE = 224  # pixels of every camera image fed to the model (FORMAT section 10)
 PROMPT_FORMAT_NAME = "qwen25-v1"
+BUILD_SCRIPT = "vla-scripts/build_craft_cache.py"
+
+log = logging.getLogger(__name__)
 
 # Fields that must equal the run's for the cached f_0 to be the run's f_0 (checked at load and on resume).
 VALIDATED_FIELDS: tuple[str, ...] = (
@@ -72,6 +88,14 @@ class CorruptCacheError(CacheError):
 
 class CacheMismatchError(CacheError):
     """The cache was built for another model, dataset or feature definition than this run's."""
+
+
+class BadChunkError(CorruptCacheError):
+    """A build chunk file that cannot be used (truncated, damaged, malformed); ``path`` names it."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"chunk file {path} {problem}; rerun the build: it deletes the file and recomputes its frames")
+        self.path, self.problem = path, problem
 
 
 class MissingKeysError(CacheError, KeyError):
@@ -244,10 +268,21 @@ def _read_json(path: Path, what: str) -> Any:
 
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    except OSError as err:
+        raise CorruptCacheError(f"cannot read {path} ({err})") from err
     return digest.hexdigest()
+
+
+def _rebuild_hint(directory: Path, metadata: Mapping[str, Any]) -> str:
+    """What to do about a broken finished cache: delete it and rebuild (with the recorded command if known)."""
+    created = metadata.get("created")
+    command = created.get("command") if isinstance(created, dict) else None
+    how = f"the command that built it: {command}" if command else f"{BUILD_SCRIPT} --output_dir {directory} ..."
+    return f"delete the cache (rm -r {directory}) and rebuild it with {how}"
 
 
 # ----------------------------------------------------------------------------------------------- store ---
@@ -262,8 +297,9 @@ class FeatureCache:
         self._rows = {key: row for row, key in enumerate(keys)}
 
     @classmethod
-    def open(cls, cache_dir: str | os.PathLike) -> FeatureCache:
-        """Open and validate a cache: metadata complete, key list sane, file size = N x F x 2 bytes."""
+    def open(cls, cache_dir: str | os.PathLike, verify: bool = True) -> FeatureCache:
+        """Open and validate a cache: metadata complete, key list sane, file size = N x F x 2 bytes, and
+        (``verify``) features.f16 / keys.json hash to the sha256 recorded at build time (one full read)."""
         directory = Path(cache_dir)
         if not directory.is_dir():
             raise CorruptCacheError(
@@ -291,7 +327,10 @@ class FeatureCache:
                 f"x 2 = {want} (truncated or corrupt); rebuild the cache"
             )
         features = np.memmap(features_path, dtype=FEATURE_DTYPE, mode="r", shape=(num_samples, feature_dim))
-        return cls(directory, metadata, keys, features)
+        cache = cls(directory, metadata, keys, features)
+        if verify:
+            cache.verify_checksum()
+        return cache
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -319,9 +358,21 @@ class FeatureCache:
             )
         return np.array(self.features[np.asarray(rows, dtype=np.int64)], dtype=FEATURE_DTYPE)  # [B, F]
 
-    def validate_against(self, expected: Mapping[str, Any]) -> None:
-        """Raise CacheMismatchError naming EVERY validated field whose cached value differs from ``expected``."""
+    def validate_against(self, expected: Mapping[str, Any], fresh_query_seed: int | None = None) -> None:
+        """Raise CacheMismatchError naming EVERY validated field whose cached value differs from ``expected``.
+
+        ``fresh_query_seed``: the run's --seed when its start point (a Prismatic base VLM) has no action queries,
+        which are then drawn from that seed and enter the fingerprint: another --seed is the usual cause.
+        """
         lines = metadata_mismatches(self.metadata, expected)
+        if fresh_query_seed is not None and any(line.startswith("model_fingerprint:") for line in lines):
+            created = self.metadata.get("created")
+            command = created.get("command") if isinstance(created, dict) else None
+            lines.append(
+                "the start point is a base VLM without action queries: finetune.py and build_craft_cache.py draw "
+                f"them from --seed (this run: {fresh_query_seed}), so the fingerprint differs when the seeds "
+                "differ; build the cache with the same --seed" + (f" (it was built by: {command})" if command else "")
+            )
         if lines:
             raise CacheMismatchError(
                 f"CRaFT cache {self.directory} does not match this run; rebuild it with "
@@ -331,13 +382,33 @@ class FeatureCache:
             )
 
     def verify_checksum(self) -> None:
-        """Re-hash features.f16 (a full read) and compare with the sha256 recorded at build time."""
-        actual = _sha256_file(self.directory / FEATURES_FILE)
-        if actual != self.metadata.get("features_sha256"):
+        """Re-hash features.f16 (a full read) and keys.json, compare with the sha256s recorded at build time.
+
+        CorruptCacheError names the file, the recorded and the actual hash, and how to rebuild. keys_sha256 is
+        checked where recorded (caches built before it existed have features_sha256 only).
+        """
+        metadata_path = self.directory / METADATA_FILE
+        recorded = self.metadata.get("features_sha256")
+        if not isinstance(recorded, str):
             raise CorruptCacheError(
-                f"{self.directory / FEATURES_FILE} has sha256 {actual}, metadata records "
-                f"{self.metadata.get('features_sha256')!r}; rebuild the cache"
+                f"cache metadata {metadata_path} records no features_sha256, so the features cannot be verified; "
+                + _rebuild_hint(self.directory, self.metadata)
             )
+        checks = [(FEATURES_FILE, "features_sha256", recorded)]
+        checks.append((KEYS_FILE, "keys_sha256", self.metadata.get("keys_sha256")))
+        for name, field, want in checks:
+            if want is None:
+                continue
+            path = self.directory / name
+            t0 = time.perf_counter()
+            actual = _sha256_file(path)
+            log.debug("sha256 of %s (%d bytes) in %.2f s", path, path.stat().st_size, time.perf_counter() - t0)
+            if actual != want:
+                raise CorruptCacheError(
+                    f"CRaFT cache file {path} is corrupt: its sha256 is {actual}, but {metadata_path} records "
+                    f"{field} {want} (the file was changed after the build); "
+                    + _rebuild_hint(self.directory, self.metadata)
+                )
 
 
 def _check_keys(keys: Any, num_samples: int, path: Path) -> None:
@@ -374,13 +445,36 @@ class ChunkWorkspace:
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
 
-    def prepare(self, expected: Mapping[str, Any]) -> None:
-        """Rank 0, before any chunk is written: create the workspace, or check a previous build's settings."""
+    def prepare(self, expected: Mapping[str, Any]) -> list[str]:
+        """Rank 0, before any chunk is written: create the workspace, or check a previous build's settings and
+        delete its unusable chunk files (see :meth:`discard_bad_chunks`, whose report this returns)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if (self.directory / BUILD_FILE).is_file():
             self.check(expected)
-        else:
-            _write_json_atomic(_json_normalized(dict(expected)), self.directory / BUILD_FILE)
+            return self.discard_bad_chunks(int(expected["feature_dim"]))
+        _write_json_atomic(_json_normalized(dict(expected)), self.directory / BUILD_FILE)
+        return []
+
+    def discard_bad_chunks(self, feature_dim: int) -> list[str]:
+        """Read every chunk in full (zip CRC-32 checked) and delete those that are unreadable or malformed,
+        plus temp files a killed writer left; their frames count as not computed, so the build recomputes them.
+
+        Only while no rank writes (rank 0 before the start barrier). Returns one line per deleted file, each
+        also logged as a warning.
+        """
+        report = []
+        for path in self.chunk_paths():
+            try:
+                _load_chunk(path, feature_dim=feature_dim)
+            except BadChunkError as err:
+                path.unlink()
+                report.append(f"deleted unusable chunk file {path}: it {err.problem}; its frames are recomputed")
+        for path in sorted(self.directory.glob(f".chunk-r*{CHUNK_SUFFIX}.*")):
+            path.unlink()
+            report.append(f"deleted {path}, the temp file of a chunk write that did not finish")
+        for line in report:
+            log.warning("%s", line)
+        return report
 
     def check(self, expected: Mapping[str, Any]) -> None:
         """Refuse to resume a build whose chunks were computed with other settings."""
@@ -423,15 +517,32 @@ class ChunkWorkspace:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _load_chunk(path: Path, want_features: bool = True) -> tuple[list[str], np.ndarray | None]:
+# What np.load raises on a truncated or damaged .npz (BadZipFile, e.g. a bad CRC-32, is no OSError).
+_CHUNK_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+def _load_chunk(
+    path: Path, want_features: bool = True, feature_dim: int | None = None
+) -> tuple[list[str], np.ndarray | None]:
+    """(keys, float16 [n, F] features or None) of a chunk file; BadChunkError names the file.
+
+    Reading a member to its end checks its zip CRC-32, so a changed byte in a fully read member is caught.
+    With ``feature_dim``, also checks dtype and shape.
+    """
+
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = [str(k) for k in data["keys"]]
             features = np.asarray(data["features"]) if want_features else None
-    except (OSError, ValueError, KeyError) as err:
-        raise CorruptCacheError(f"chunk file {path} cannot be read ({err}); delete it and rerun the build") from err
-    if features is not None and features.shape[0] != len(keys):
-        raise CorruptCacheError(f"chunk file {path} has {len(keys)} keys but {features.shape[0]} feature rows")
+    except _CHUNK_READ_ERRORS as err:
+        raise BadChunkError(path, f"cannot be read ({type(err).__name__}: {err})") from err
+    if not keys:
+        raise BadChunkError(path, "holds no keys")
+    if features is not None:
+        if features.shape[0] != len(keys):
+            raise BadChunkError(path, f"has {len(keys)} keys but {features.shape[0]} feature rows")
+        if feature_dim is not None and (features.dtype != FEATURE_DTYPE or features.shape[1:] != (feature_dim,)):
+            raise BadChunkError(path, f"holds {features.dtype} {features.shape}, expected float16 [n, {feature_dim}]")
     return keys, features
 
 
@@ -474,12 +585,7 @@ def merge_chunks(
     try:
         features = np.memmap(tmp / FEATURES_FILE, dtype=FEATURE_DTYPE, mode="w+", shape=(len(keys), feature_dim))
         for path in chunks:
-            chunk_keys, chunk_features = _load_chunk(path)
-            if chunk_features.shape[1:] != (feature_dim,) or chunk_features.dtype != FEATURE_DTYPE:
-                raise CorruptCacheError(
-                    f"chunk file {path} holds {chunk_features.dtype} {chunk_features.shape}, expected float16 "
-                    f"[n, {feature_dim}]"
-                )
+            chunk_keys, chunk_features = _load_chunk(path, feature_dim=feature_dim)
             features[np.asarray([row_of[k] for k in chunk_keys], dtype=np.int64)] = chunk_features
         features.flush()
         del features
@@ -492,16 +598,17 @@ def merge_chunks(
             "num_chunks": len(chunks),
             "chunks_by_rank": _chunks_by_rank(chunks),
             "features_sha256": _sha256_file(tmp / FEATURES_FILE),
+            "keys_sha256": _sha256_file(tmp / KEYS_FILE),
         }
         _write_json_atomic(final_metadata, tmp / METADATA_FILE)
-        FeatureCache.open(tmp).validate_against(metadata)  # self-check before it becomes visible
+        FeatureCache.open(tmp).validate_against(metadata)  # self-check (hashes too) before it becomes visible
         if output_dir.exists():
             raise FileExistsError(f"{output_dir} appeared while the cache was being merged; not replacing it")
         _publish(tmp, output_dir, mode=0o777)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return FeatureCache.open(output_dir)
+    return FeatureCache.open(output_dir, verify=False)  # just verified; the rename moved no bytes
 
 
 # ---------------------------------------------------------------------------------------------- anchor ---
@@ -512,14 +619,23 @@ class CachedAnchor:
         self.cache = cache
 
     @classmethod
-    def from_cache_dir(cls, cache_dir: str | os.PathLike, expected: Mapping[str, Any]) -> CachedAnchor:
+    def from_cache_dir(
+        cls, cache_dir: str | os.PathLike, expected: Mapping[str, Any], fresh_query_seed: int | None = None
+    ) -> CachedAnchor:
         """Open ``cache_dir`` and check it against ``expected`` (see :func:`expected_metadata`)."""
         cache = FeatureCache.open(cache_dir)
-        cache.validate_against(expected)
+        cache.validate_against(expected, fresh_query_seed)
         return cls(cache)
 
     @classmethod
-    def open(cls, craft_config: CRaFTConfig, modules: Any, data: Any, num_images: int | None = None) -> CachedAnchor:
+    def open(
+        cls,
+        craft_config: CRaFTConfig,
+        modules: Any,
+        data: Any,
+        num_images: int | None = None,
+        fresh_query_seed: int | None = None,
+    ) -> CachedAnchor:
         """The anchor of a finetune run: call BEFORE any resume load, while ``modules.vla`` is the start model.
 
         ``modules.vla``: the student VLA (PEFT at init or plain). ``data.dataset_statistics``: the run's
@@ -545,7 +661,7 @@ class CachedAnchor:
             use_mean_pooling=craft_config.use_mean_pooling,
             feature_variant=craft_config.feature_variant,
         )
-        return cls.from_cache_dir(craft_config.cache_dir, expected)
+        return cls.from_cache_dir(craft_config.cache_dir, expected, fresh_query_seed)
 
     def features(self, batch: Mapping[str, Any], device: torch.device | str) -> torch.Tensor:
         """fp32 [B, F] f_0 of ``batch["sample_keys"]`` on ``device``."""

@@ -9,6 +9,8 @@ combination fails before any model is built.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +23,18 @@ DATA_SOURCES = ("rlds", "synthetic")
 def _craft_flags() -> type:
     """A dataclass with one ``craft_<field>`` flag per ``CRaFTConfig`` field, with the same type and default.
 
-    Deriving the flags from ``CRaFTConfig`` keeps one source of truth for CRaFT's names and defaults.
+    Deriving the flags from ``CRaFTConfig`` keeps one source of truth for CRaFT's names, defaults and help
+    (the comment above each field, which ``--help`` shows; a generated class has no source to read it from).
     """
+    from draccus.wrappers.docstring import get_attribute_docstring
+
     fields = []
     for f in dataclasses.fields(CRaFTConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        fields.append((f"craft_{f.name}", f.type, dataclasses.field(default=default)))
+        doc = get_attribute_docstring(CRaFTConfig, f.name)
+        text = " ".join((doc.comment_above or doc.comment_inline or "").split())
+        help_option = {"custom_args": {"help": text}} if text else None
+        fields.append((f"craft_{f.name}", f.type, dataclasses.field(default=default, metadata=help_option)))
     flags = dataclasses.make_dataclass("CraftFlags", fields)
     flags.__module__ = __name__
     return flags
@@ -47,7 +55,7 @@ class FinetuneConfig(CraftFlags):
     # --- Data ----------------------------------------------------------------------------------------------
     data_source: str = "rlds"               # "rlds" (TFDS RLDS datasets) or "synthetic" (torch-only source)
     data_root_dir: str = "datasets/rlds"    # RLDS root: <data_root_dir>/<dataset_name>/<version>/
-    dataset_name: str = "libero_spatial_no_noops"
+    dataset_name: str = "libero_spatial_no_noops"  # dataset dir under --data_root_dir (also the stats key)
     shuffle_buffer_size: int = 100_000      # encoded frames held for shuffling (see docs/DATA.md for RAM)
     image_aug: bool = True                  # random-resized-crop + color jitter on training frames
     num_images_in_input: int = 2            # 1 = third-person only, 2 = + wrist camera
@@ -57,26 +65,26 @@ class FinetuneConfig(CraftFlags):
     val_batches: int = 4                    # batches per validation pass
 
     # --- Run directory and logging -------------------------------------------------------------------------
-    run_root_dir: str = "runs"
+    run_root_dir: str = "runs"              # run dirs go to <run_root_dir>/<run id>/
     run_id_note: str = ""                   # appended to the generated run id
     run_id_override: str = ""               # use this run id verbatim
-    wandb_entity: str = ""
-    wandb_project: str = "vla-adapter-craft"
+    wandb_entity: str = ""                  # W&B entity (team or user); empty = your default
+    wandb_project: str = "vla-adapter-craft"  # W&B project name
     wandb_mode: str = "disabled"            # online | offline | disabled (offline/disabled need no network)
-    wandb_log_freq: int = 10
+    wandb_log_freq: int = 10                # send metrics to W&B every N steps (metrics.jsonl gets all)
     show_progress: bool = True              # tqdm bar on rank 0
 
     # --- Optimization --------------------------------------------------------------------------------------
     batch_size: int = 8                     # per-process micro-batch size
-    grad_accumulation_steps: int = 1
-    learning_rate: float = 5e-4
+    grad_accumulation_steps: int = 1        # micro-batches per optimizer step
+    learning_rate: float = 5e-4             # peak AdamW LR (on --resume, changes need --resume_change_lr)
     lr_warmup_steps: int = 0                # linear warm-up over this many optimizer steps
     num_steps_before_decay: int = 100_000   # LR x0.1 from this optimizer step on
     max_steps: int = 200_000                # optimizer steps
     max_grad_norm: float = 0.0              # clip the global grad norm (0 = off, upstream default)
     overlap_grad_sync: bool = True          # all-reduce gradient buckets during the last backward (multi-GPU)
     grad_sync_bucket_numel: int = 25_000_000  # elements per all-reduce bucket with --overlap_grad_sync
-    seed: int = 7
+    seed: int = 7                           # data order, augmentation, fresh heads and action queries
     action_head_noise_std: float = 0.0      # upstream trains with N(0, 0.02) input noise in the head; 0 = off
     device: str = "auto"                    # auto | cuda | cpu
     compile: bool = False                   # torch.compile the LLM, ViT blocks and head (faster GPU steps)
@@ -84,21 +92,25 @@ class FinetuneConfig(CraftFlags):
     pad_to_multiple_of: int | None = None   # round batch length up; None: 64 with CUDA graphs (few shapes), else 1
 
     # --- Model options -------------------------------------------------------------------------------------
-    use_lora: bool = True
-    lora_rank: int = 64
-    lora_dropout: float = 0.0
+    use_lora: bool = True                   # LoRA on the VLM (False: full fine-tuning)
+    lora_rank: int = 64                     # LoRA rank r (alpha = 2r, as upstream)
+    lora_dropout: float = 0.0               # dropout on the LoRA input path
     fused_lora: bool = True                 # LoRA via GEMM epilogues (training/fused_lora.py); False: PEFT's
     merge_lora_during_training: bool = False  # also write a merged model.safetensors at each save
     use_pro_version: bool = True            # Pro action-head block (else the original block)
 
     # --- Checkpointing -------------------------------------------------------------------------------------
     save_freq: int = 10_000                 # optimizer steps between checkpoints (always also at max_steps)
-    save_latest_checkpoint_only: bool = False
-    resume: bool = False
-    resume_step: int | None = None          # step to resume from (default: the latest checkpoint in run dir)
+    save_latest_checkpoint_only: bool = False  # overwrite one checkpoint in the run dir itself
+    resume: bool = False                    # continue the run in the run dir from its latest checkpoint
+    resume_step: int | None = None          # step to resume from (None: the latest checkpoint in the run dir)
+    resume_change_lr: bool = False          # on --resume, apply changed --learning_rate / --lr_warmup_steps /
+                                            # --num_steps_before_decay (recorded in resumes/); else refused
+    overwrite: bool = False                 # start afresh in a run dir holding a run: the old run is moved
+                                            # aside to <run dir>.replaced-<UTC time> (nothing is deleted)
 
     # --- CRaFT (plus one --craft_<name> flag per CRaFTConfig field, inherited from CraftFlags) --------------
-    use_craft: bool = False
+    use_craft: bool = False                 # CRaFT: retention constraint + conflict-aware projection
     # fmt: on
 
     def __post_init__(self) -> None:
@@ -109,8 +121,29 @@ class FinetuneConfig(CraftFlags):
         for name in ("batch_size", "grad_accumulation_steps", "max_steps", "save_freq", "grad_sync_bucket_numel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr_warmup_steps < 0 or self.action_head_noise_std < 0 or self.lora_dropout < 0:
-            raise ValueError("--lr_warmup_steps, --action_head_noise_std and --lora_dropout must be >= 0")
+        for name in ("lr_warmup_steps", "num_steps_before_decay", "shuffle_buffer_size", "val_freq"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("val_batches", "synthetic_num_episodes", "wandb_log_freq"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"--learning_rate must be finite and > 0, got {self.learning_rate}")
+        for name in ("max_grad_norm", "action_head_noise_std"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"--{name} must be finite and >= 0, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.use_lora and self.lora_rank < 1:
+            raise ValueError(f"--lora_rank must be >= 1 with --use_lora True, got {self.lora_rank}")
+        if self.resume_step is not None and not self.resume:
+            raise ValueError("--resume_step needs --resume True")
+        if self.resume_step is not None and self.resume_step < 1:
+            raise ValueError(f"--resume_step must be >= 1, got {self.resume_step}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume True and --overwrite True contradict each other: pick one")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"--device must be auto, cuda or cpu, got {self.device!r}")
         if self.wandb_mode not in ("online", "offline", "disabled"):
             raise ValueError(f"--wandb_mode must be online, offline or disabled, got {self.wandb_mode!r}")
         if not self.vlm_path:
@@ -123,8 +156,13 @@ class FinetuneConfig(CraftFlags):
             raise ValueError(f"--pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
         if self.use_minivlm and not self.config_file_path:
             raise ValueError("--use_minivlm True needs --config_file_path (a dir with the HF config.json)")
+        if self.data_source == "rlds" and not Path(self.data_root_dir).is_dir():
+            raise FileNotFoundError(f"--data_root_dir {self.data_root_dir!r} is not a directory")
         if self.use_craft:
-            self.craft_config()  # validates the --craft_* values
+            try:
+                self.craft_config()  # validates the --craft_* values
+            except ValueError as err:  # name the flag the user typed, not the dataclass field
+                raise ValueError(re.sub(r"CRaFTConfig\.(\w+)", r"--craft_\1", str(err))) from None
             if self.craft_anchor_source == "online" and not self.use_lora:
                 raise ValueError(
                     "--craft_anchor_source online needs --use_lora True (the anchor is the model with its "

@@ -30,3 +30,28 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, warmup_steps, num_steps_before_decay)
     )
+
+
+def retarget_scheduler(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    learning_rate: float,
+    warmup_steps: int,
+    num_steps_before_decay: int,
+) -> float:
+    """After a resume's state load, switch to a new base LR and schedule from the current step on.
+
+    Loading a LambdaLR state restores the old base LR (its multiplier function is not saved), so a changed
+    ``--learning_rate`` would be silently ignored; this applies it. Returns the LR of the next update.
+    """
+    step = scheduler.last_epoch
+    multiplier = lr_multiplier(step, warmup_steps, num_steps_before_decay)
+    scheduler.lr_lambdas = [lambda s: lr_multiplier(s, warmup_steps, num_steps_before_decay)] * len(
+        optimizer.param_groups
+    )
+    scheduler.base_lrs = [learning_rate] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * multiplier
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+    return learning_rate * multiplier

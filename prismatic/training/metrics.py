@@ -38,6 +38,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
+SUPERSEDED_FILE = "metrics_superseded.jsonl"  # lines a resume replaced
+
+
 class MetricsLogger:
     """One line per optimizer step in ``metrics.jsonl``; tqdm on rank 0; optional wandb."""
 
@@ -88,12 +91,20 @@ class MetricsLogger:
             )
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint (they will be produced again)."""
-        kept = []
+        """On resume, move lines logged after the checkpoint (they will be produced again) out of the way.
+
+        They go to ``metrics_superseded.jsonl`` (appended, each tagged with the resume step), not to /dev/null:
+        after a resume from an earlier checkpoint they are the only record of what the first attempt did.
+        """
+        kept, dropped = [], []
         for line in self.path.read_text().splitlines():
-            if line.strip() and json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        self.path.write_text("".join(k + "\n" for k in kept))
+            if line.strip():
+                row = json.loads(line)
+                (kept if row.get("step", 0) <= step else dropped).append(row)
+        if dropped:
+            with (self.path.parent / SUPERSEDED_FILE).open("a") as f:
+                f.writelines(json.dumps({**row, "superseded_by_resume_from": step}) + "\n" for row in dropped)
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record the metrics of optimizer step ``step`` (1-based count of completed updates)."""

@@ -20,7 +20,13 @@ from torch import nn
 from prismatic.extern.hf.configuration_prismatic import OpenVLAConfig
 from prismatic.extern.hf.modeling_prismatic import OpenVLAForActionPrediction
 from prismatic.models.action_heads import L1RegressionActionHead
-from prismatic.models.checkpoints import find_component_file, load_prismatic_base_checkpoint, load_vla_release
+from prismatic.models.checkpoints import (
+    CheckpointError,
+    find_component_file,
+    load_prismatic_base_checkpoint,
+    load_vla_release,
+    peft_without_transformers_deprecation,
+)
 from prismatic.models.llm_attention import RIGHT_PADDED_CAUSAL, restore_attention, use_right_padded_causal_attention
 from prismatic.models.projectors import ProprioProjector
 from prismatic.training.fused_lora import fuse_lora_layers
@@ -70,7 +76,10 @@ def load_start_point(vlm_path: str, use_minivlm: bool, config_file_path: str = "
         loaded = load_vla_release(path, merge_lora=True)
         return StartPoint(loaded.vla, loaded.action_head, loaded.proprio_projector, "release")
     if (path / "config.json").exists():
-        vla = OpenVLAForActionPrediction.from_pretrained(path, torch_dtype=torch.float32)
+        try:
+            vla = OpenVLAForActionPrediction.from_pretrained(path, torch_dtype=torch.float32)
+        except Exception as err:  # e.g. SafetensorError on a truncated model.safetensors names no file
+            raise CheckpointError(f"cannot load the HF model files in {path}: {err}") from err
         return StartPoint(vla, None, None, "hf")
     raise FileNotFoundError(
         f"--vlm_path {vlm_path!r} is neither a Prismatic run dir (pass --use_minivlm True), an HF model dir "
@@ -91,7 +100,8 @@ def apply_lora(vla: nn.Module, rank: int, dropout: float, fused: bool = True) ->
         target_modules=UPSTREAM_LORA_TARGETS,
         init_lora_weights="gaussian",
     )
-    peft_vla = get_peft_model(vla, config)
+    with peft_without_transformers_deprecation():
+        peft_vla = get_peft_model(vla, config)
     peft_vla.base_model.model.action_queries.weight.requires_grad_(True)
     # PEFT casts each LoRA layer's input to the adapter's dtype (fp32) before the adapter matmuls, which under
     # bf16 autocast are cast straight back: two full-activation copies per wrapped layer, forward and backward

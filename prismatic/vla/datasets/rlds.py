@@ -25,8 +25,11 @@ whatever the read order, shard, worker or process (LIBERO's file_path alone is s
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +52,44 @@ Subset = Literal["all", "train", "heldout"]
 # --------------------------------------------------------------------------------------------------------------
 # Lazy TensorFlow import.
 # --------------------------------------------------------------------------------------------------------------
+# Lines TensorFlow's native libraries print while they load, whatever TF_CPP_MIN_LOG_LEVEL says (absl logs them
+# before its log level is set up): information, not warnings, twice per process.
+_TF_LOAD_NOISE = (
+    re.compile(r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"),
+    re.compile(r"^I\d{4} [\d:.]+\s+\d+ port\.cc:\d+\] oneDNN custom operations are on\."),
+)
+
+
+@contextlib.contextmanager
+def _filtered_native_stderr(noise: Sequence[re.Pattern]) -> Any:
+    """Route file descriptor 2 through a temp file while native code runs; re-print every line but ``noise``.
+
+    Native libraries write to the descriptor directly, so Python's warning filters cannot reach them. Anything
+    unexpected (a real error or warning) still reaches stderr, just after the block.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode(errors="replace").splitlines():
+                if not any(p.search(line) for p in noise):
+                    print(line, file=sys.stderr)
+
+
 def import_tf() -> ModuleType:
     """Import TensorFlow on first use, quietly, and keep it off any GPU (torch owns the accelerators)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+    else:
+        with _filtered_native_stderr(_TF_LOAD_NOISE):
+            import tensorflow as tf
 
     with contextlib.suppress(RuntimeError):  # raised once TF is initialized: the setting is already in place
         tf.config.set_visible_devices([], "GPU")
@@ -205,7 +242,8 @@ def spec_mismatches(config: RestructureConfig, tensor_info: Mapping[str, Any]) -
         if info is None:
             problems.append(f"missing {req.path}")
             continue
-        shape, dtype = tuple(info.shape), getattr(info.dtype, "name", str(info.dtype))
+        tf_dtype = getattr(info, "tf_dtype", None) or info.dtype  # .dtype is deprecated (an absl warning per read)
+        shape, dtype = tuple(info.shape), getattr(tf_dtype, "name", str(tf_dtype))
         if shape != req.shape or dtype != req.dtype:
             problems.append(f"{req.path} is {dtype}{list(shape)}, expected {req.dtype}{list(req.shape)}")
     return problems
@@ -235,6 +273,19 @@ def _describe(found: Mapping[str, list[str]]) -> str:
     return ", ".join(f"{name} ({', '.join(versions)})" for name, versions in found.items())
 
 
+def _looks_like_version(name: str) -> bool:
+    """TFDS version folders are named like 1.0.0."""
+    return re.fullmatch(r"\d+\.\d+\.\d+", name) is not None
+
+
+def _recorded_version(info_path: Path) -> str | None:
+    try:
+        version = json.loads(info_path.read_text()).get("version")
+    except (OSError, ValueError):
+        return None
+    return version if isinstance(version, str) and _looks_like_version(version) else None
+
+
 def _nesting_hints(root: Path, dataset_name: str) -> list[str]:
     """Suggestions when data_root_dir is one level too high or too deep."""
     hints = []
@@ -251,10 +302,23 @@ def _nesting_hints(root: Path, dataset_name: str) -> list[str]:
             f"data_root_dir points at a version folder; pass data_root_dir={root.parent.parent} "
             f"and dataset_name={root.parent.name!r}"
         )
-    elif any(root.glob("*/dataset_info.json")):
-        hints.append(
-            f"data_root_dir points at a dataset folder; pass data_root_dir={root.parent} and dataset_name={root.name!r}"
-        )
+    else:
+        for info in sorted(root.glob("*/dataset_info.json")):
+            folder = info.parent
+            if _looks_like_version(folder.name):  # root is a dataset folder, its sub-folders are versions
+                hints.append(
+                    f"data_root_dir points at a dataset folder; pass data_root_dir={root.parent} and "
+                    f"dataset_name={root.name!r}"
+                )
+                break
+            # root is the data root, but this dataset's files sit directly in its folder: the version level
+            # is missing (pointing data_root_dir one level up would train a dataset named after the folder).
+            version = _recorded_version(info) or "<version>"
+            hints.append(
+                f"{folder} holds dataset_info.json directly, without the <version>/ folder TFDS needs: move its "
+                f"files into {folder / version}/ (the version recorded in its dataset_info.json), then pass "
+                f"data_root_dir={root} and dataset_name={folder.name!r}"
+            )
     if root.is_dir():
         for sub in sorted(p for p in root.iterdir() if p.is_dir()):
             deeper = list_datasets(sub)

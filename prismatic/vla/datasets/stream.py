@@ -20,6 +20,8 @@ Choices:
   * Augmentation (train only, per image, seeded by the frame's position in this rank's stream):
     random-resized-crop (area 0.9, ratio 1) resized back to 224 (bilinear), brightness +-0.2, contrast and
     saturation in [0.8, 1.2], hue +-0.05, each followed by clipping to [0, 1].
+  * Resume: `skip_frames` drops the first n frames after the shuffle and the numbering but before decoding, so
+    the stream it yields is exactly the tail of the uninterrupted one (docs/DATA.md "Resuming").
 """
 
 from __future__ import annotations
@@ -169,6 +171,7 @@ class StreamConfig:
     world_size: int = 1
     heldout_fraction: float = 0.0
     subset: Subset = "train"
+    skip_frames: int = 0  # frames of the (shuffled) stream dropped before decoding: resume where a run stopped
     num_parallel_calls: int | None = None
     image_size: int = IMAGE_SIZE
     chunk: int = NUM_ACTIONS_CHUNK
@@ -247,13 +250,16 @@ def frame_dataset(
         )
     if cfg.shuffle_buffer_size > 0:
         frames = frames.shuffle(cfg.shuffle_buffer_size, seed=mix_seed(cfg.seed, cfg.rank, 3))
-    frames = frames.map(lambda f: _decode_frame(f, cfg.image_size), num_parallel_calls=parallel)
+    # Number the frames, then skip, then decode: skipped frames are never decoded, and the kept ones keep the
+    # stream position (augmentation seed) they have in the uninterrupted stream.
+    frames = frames.enumerate()
+    if cfg.skip_frames:
+        frames = frames.skip(cfg.skip_frames)
+    frames = frames.map(lambda i, f: (i, _decode_frame(f, cfg.image_size)), num_parallel_calls=parallel)
     if cfg.image_aug:
         aug_seed = mix_seed(cfg.seed, cfg.rank, 4)
-        frames = frames.enumerate().map(
-            lambda i, f: _augment_frame(i, f, aug_seed, cfg.aug), num_parallel_calls=parallel
-        )
-    frames = frames.map(lambda f: {k: f[k] for k in FRAME_KEYS})
+        frames = frames.map(lambda i, f: (i, _augment_frame(i, f, aug_seed, cfg.aug)), num_parallel_calls=parallel)
+    frames = frames.map(lambda i, f: {k: f[k] for k in FRAME_KEYS})
     options = tf.data.Options()
     options.deterministic = True
     if cfg.num_parallel_calls is not None:
@@ -296,6 +302,7 @@ def make_frame_iterator(
     mixture_weights: Mapping[str, float] | None = None,
     cache_dir: str | os.PathLike | None = None,
     aug: AugmentConfig = AugmentConfig(),
+    skip_frames: int = 0,
 ) -> Iterator[dict]:
     """Iterate frame dicts (module docstring) of a dataset or mixture for this rank.
 
@@ -307,9 +314,14 @@ def make_frame_iterator(
     heldout_fraction / subset: episodes whose id hashes below the fraction form the "heldout" subset; "train"
     excludes them, "all" keeps everything. `statistics` defaults to the cached dataset statistics; pass the
     checkpoint's to normalize with those. num_parallel_calls=None lets tf.data autotune.
+    skip_frames=n: start at frame n of this stream, i.e. yield exactly what the same call without it yields
+    after its first n frames (same order, same augmentation), without decoding the skipped ones. Training
+    resumes with it; it costs reading and shuffling n encoded frames (docs/DATA.md "Resuming").
     """
     if ordered and image_aug:
         raise ValueError("ordered mode never augments images; pass image_aug=False or None")
+    if skip_frames < 0:
+        raise ValueError(f"skip_frames must be >= 0, got {skip_frames}")
     if subset == "heldout" and heldout_fraction <= 0.0:
         raise ValueError("subset='heldout' needs heldout_fraction > 0 (the held-out subset would be empty)")
     opened_weighted = open_datasets(data_root_dir, dataset_name, registry)
@@ -331,6 +343,7 @@ def make_frame_iterator(
         world_size=world_size,
         heldout_fraction=heldout_fraction,
         subset=subset,
+        skip_frames=int(skip_frames),
         num_parallel_calls=num_parallel_calls,
         aug=aug,
     )

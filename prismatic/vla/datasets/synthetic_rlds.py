@@ -104,6 +104,10 @@ def _builder_class(dataset_name: str, version: str, description: str, examples: 
         "_info": _info,
         "_split_generators": _split_generators,
         "_generate_examples": _generate_examples,
+        # tfds prints "Downloading and preparing dataset ..." / "... downloaded and prepared" for every build;
+        # nothing is downloaded here and the callers say what they wrote, so these two messages are dropped.
+        "_log_download_bytes": lambda self: None,
+        "_log_download_done": lambda self: None,
         # A top-level module name makes tfds skip its code-path lookup (it needs `importlib_resources`, which is
         # not installed) and look for no checksums file: there is nothing to download.
         "__module__": "synthetic_rlds_builder",
