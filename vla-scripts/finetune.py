@@ -11,7 +11,6 @@ mechanics live in ``prismatic/training/``; ``--help`` lists every flag.
 import dataclasses
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -34,7 +33,7 @@ from prismatic.training.distributed import (
 )
 from prismatic.training.finetune_config import FinetuneConfig
 from prismatic.training.lr_schedule import build_scheduler, retarget_scheduler
-from prismatic.training.metrics import MetricsLogger
+from prismatic.training.metrics import MetricsLogger, StepClock
 from prismatic.training.model_setup import build_policy, cast_frozen_parameters, load_start_point
 from prismatic.training.run_dir import RunDirRefused, prepare_run_dir
 from prismatic.training.trainer import PolicyModules, StepSettings, Trainer
@@ -183,25 +182,24 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
     # launched, so the GPU never idles while the host prepares the next batch and launches it. Before a
     # validation pass or a checkpoint the pending step is read first, so both see a checked, finished step.
     pending: tuple[int, dict] | None = None
-    last_read = time.perf_counter()
+    clock = StepClock(ctx.device)  # samples/s per step, whenever its metrics are read
 
     def read(step: int, metrics: dict) -> dict[str, float]:
         """Step ``step``'s metrics on the host (waits for that step on the GPU); stops on a skipped update."""
-        nonlocal last_read
         values = {k: float(v) for k, v in metrics.items()}
         if values.pop("skipped_update"):  # a non-finite loss or gradient norm
             raise FloatingPointError(
                 f"non-finite loss or gradient at step {step + 1}: its update was skipped and the run stops (the "
                 f"last checkpoint before it is in {run_dir}). Values: {values}"
             )
-        now = time.perf_counter()
-        values["samples_per_s"] = global_batch / (now - last_read)
-        last_read = now
+        values["samples_per_s"] = global_batch / clock.seconds(step)
         return values
 
     try:
         for step in range(start_step, cfg.max_steps):
+            clock.start(step)
             metrics = trainer.step(next(stream), step)
+            clock.end(step)
             if pending is not None:
                 logger.log(pending[0] + 1, read(*pending))
             pending = (step, metrics)
@@ -224,7 +222,6 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
                     dataset_statistics=data.dataset_statistics,
                     extra_state=extra,
                 )
-            last_read = time.perf_counter()  # throughput counts training steps, not evaluation or saving
         if pending is not None:
             logger.log(pending[0] + 1, read(*pending))
     finally:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 # metric key -> its label on the progress bar (a key missing from a row, e.g. CRaFT's in a plain run, is skipped)
@@ -129,3 +131,47 @@ class MetricsLogger:
 def read_metrics(path: Path | str) -> list[dict]:
     """Read ``metrics.jsonl`` back as a list of dicts."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class StepClock:
+    """Each optimizer step's duration, for samples/s, however late its metrics are read.
+
+    A step lasts from its start mark to the next step's start mark (its data, host and device work, and any idle
+    gap: what a user's throughput is made of); a step read before the next one starts (a save, a validation pass
+    or the end follows) lasts from its start mark to its end mark. Reading two steps back to back therefore never
+    yields a near-zero interval, and a save or validation pass is never counted as training. On a GPU the marks
+    are CUDA events on the current stream (a step the host launched early is timed when the device ran it); on
+    the CPU, where a step runs synchronously, wall-clock times.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._starts: dict[int, Any] = {}
+        self._ends: dict[int, Any] = {}
+
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self, step: int) -> None:
+        """Call before fetching step ``step``'s batch."""
+        self._starts[step] = self._mark()
+
+    def end(self, step: int) -> None:
+        """Call once step ``step`` is launched (on the CPU: done)."""
+        self._ends[step] = self._mark()
+
+    def seconds(self, step: int) -> float:
+        """Duration of ``step``; call after its metrics were read (the step is finished). Forgets older steps."""
+        begin = self._starts[step]
+        finish = self._starts.get(step + 1, self._ends[step])
+        for marks in (self._starts, self._ends):
+            for old in [k for k in marks if k < step]:
+                del marks[old]
+        if not self.cuda:
+            return finish - begin
+        finish.synchronize()  # the step has finished; this waits at most for its last kernels
+        return begin.elapsed_time(finish) / 1000.0
