@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prismatic.training.craft_utils import CRaFTConfig, CRaFTFeatureExtractor, resolve_anchor_layer
+from prismatic.training.craft_utils import CRaFTConfig, CRaFTFeatureExtractor, RunningMoments, resolve_anchor_layer
 
 CACHE_FORMAT_VERSION = 1
 FEATURES_FILE = "features.f16"
@@ -358,6 +358,15 @@ class FeatureCache:
             )
         return np.array(self.features[np.asarray(rows, dtype=np.int64)], dtype=FEATURE_DTYPE)  # [B, F]
 
+    def feature_moments(self, chunk_rows: int = 8192) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(N, per-feature mean [F], M2 [F]) of every cached row, in float64 (one chunked read of the memmap;
+        chunks of ~120 MB in float64 for F = 1792, merged with Chan et al.'s parallel update). The anchor's
+        variance is M2 / (N - 1)."""
+        moments = RunningMoments()
+        for lo in range(0, len(self), chunk_rows):
+            moments.add(torch.from_numpy(np.asarray(self.features[lo : lo + chunk_rows], dtype=np.float64)))
+        return moments.count, moments.mean, moments.m2
+
     def validate_against(self, expected: Mapping[str, Any], fresh_query_seed: int | None = None) -> None:
         """Raise CacheMismatchError naming EVERY validated field whose cached value differs from ``expected``.
 
@@ -662,6 +671,14 @@ class CachedAnchor:
             feature_variant=craft_config.feature_variant,
         )
         return cls.from_cache_dir(craft_config.cache_dir, expected, fresh_query_seed)
+
+    def feature_moments(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(N, mean [F], M2 [F]) of the cached features, float64 on the CPU: var_0 for normalize_features."""
+        return self.cache.feature_moments()
+
+    def covers(self, batch: Mapping[str, Any]) -> bool:
+        """Whether every frame of ``batch`` is cached (validation skips L_ret for batches that are not)."""
+        return "sample_keys" in batch and all(key in self.cache for key in batch["sample_keys"])
 
     def features(self, batch: Mapping[str, Any], device: torch.device | str) -> torch.Tensor:
         """fp32 [B, F] f_0 of ``batch["sample_keys"]`` on ``device``."""

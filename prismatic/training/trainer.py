@@ -70,6 +70,8 @@ class CraftHooks(Protocol):
 
     def finish_step(self, mean_retention_loss: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
+    def validation_retention_loss(self, outputs: Any, batch: dict) -> torch.Tensor | None: ...
+
 
 @dataclass(frozen=True)
 class StepSettings:
@@ -251,16 +253,31 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches: Sequence[dict]) -> dict[str, torch.Tensor]:
-        """Mean L1 losses on held-out batches (eval mode, no noise), averaged over ranks."""
+        """Mean L1 losses on held-out batches (eval mode, no noise), averaged over ranks.
+
+        With CRaFT also ``val/retention_loss``: L_ret against the anchor on the held-out frames (the mean over
+        the batches the anchor covers, on every rank; absent when it covers none), read here on the host.
+        """
         self._set_mode(False)
         sums: dict[str, torch.Tensor] = {}
+        ret_sum = ret_count = torch.zeros((), device=self.ctx.device)
         with self._adapters():
             for batch in batches:
-                losses, _ = self.forward(self._to_device(batch))
+                batch = self._to_device(batch)
+                losses, out = self.forward(batch)
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.float() / max(1, len(batches))
+                if self.craft is not None:
+                    with self._autocast():
+                        ret = self.craft.validation_retention_loss(out, batch)
+                    if ret is not None:
+                        ret_sum, ret_count = ret_sum + ret.float(), ret_count + 1
         names = sorted(sums)
-        vec = torch.stack([sums[k] for k in names]) if names else torch.zeros(0, device=self.ctx.device)
+        parts = [sums[k] for k in names] + ([ret_sum, ret_count] if self.craft is not None else [])
+        vec = torch.stack(parts) if parts else torch.zeros(0, device=self.ctx.device)
         self.sync.all_reduce(vec)
         self._set_mode(True)
-        return {f"val/{k}": v for k, v in zip(names, vec.unbind())}
+        metrics = {f"val/{k}": v for k, v in zip(names, vec.unbind())}
+        if self.craft is not None and float(vec[-1]) > 0:  # a mean of rank means: both scale alike
+            metrics["val/retention_loss"] = vec[-2] / vec[-1]
+        return metrics
