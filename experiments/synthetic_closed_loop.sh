@@ -5,9 +5,14 @@
 #
 #   bash experiments/synthetic_closed_loop.sh            # OUT=closed_loop_out STEPS=6000 EPISODES=2000 TRIALS=5
 #
-# Result (docs/BENCHMARKS.md section 4 and craft_progress.md): NOT yet a learning success. The policy learns what
-# proprio shows (descend, close, lift) but not where the target block is, which only the images show, from a
-# randomly initialised tiny VLM within the steps affordable here; see the notes there.
+# Result (craft_progress.md, phase 5): NOT yet a learning success: 0/24 for every checkpoint tried (CPU 1000 and
+# 2000 steps x batch 16; GPU 25-50k samples). On 960 held-out frames the trained policies predict x/y no better
+# than a constant (0.170 vs 0.171 L1) and z far worse than an image-blind MLP on proprio (0.229 vs 0.039): they
+# are still on the loss plateau; only the gripper and the colour-dependent rotation are learned. Success needs
+# the target to within ~0.1-0.15 workspace units (about one 14-px patch). One structural suspect: the tiny random
+# checkpoint's ViT position embeddings start at ~0.01 (scaled like a weight matrix) against O(1) content.
+# GPU training variant (the torch-only synthetic source, several configurations at once):
+# experiments/synthetic_closed_loop_gpu.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-closed_loop_out}"; STEPS="${STEPS:-6000}"; EPISODES="${EPISODES:-2000}"; TRIALS="${TRIALS:-5}"

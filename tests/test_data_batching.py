@@ -420,3 +420,29 @@ def test_rlds_frames_batch_like_the_torch_source(source, tmp_path_factory):
         assert rlds_batch[k].shape[0] == 4
         assert rlds_batch[k].shape[2:] == torch_batch[k].shape[2:], k
     assert rlds_batch["sample_keys"] == [f["sample_key"] for f in frames[:4]]
+
+
+def test_worker_processes_give_the_serial_episodes_and_batches(source, prompt_tokenizer):
+    """SYNTHETIC_SOURCE_WORKERS / workers=n: forked renderers and DataLoader workers change only the wall time.
+    Every episode tensor and every collated batch (2 epochs, skipped steps, rank 1 of 2) must be equal."""
+    forked = SyntheticTorchSource(3, episode_length=(5, 11), seed=7, prompt_tokenizer=prompt_tokenizer, workers=2)
+    assert len(forked) == len(source)
+    for i in range(len(source)):
+        a, b = source[i], forked[i]
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], torch.Tensor):
+                assert torch.equal(a[k], b[k]), (i, k)
+            else:
+                assert a[k] == b[k], (i, k)
+    kwargs = dict(world_size=2, rank=1, seed=5, num_epochs=2, skip_steps=1)
+    serial = list(iterate_global_batches(source, 2, workers=0, **kwargs))
+    parallel = list(iterate_global_batches(forked, 2, workers=2, **kwargs))
+    assert len(serial) == len(parallel) > 2
+    for s, p in zip(serial, parallel):
+        assert s.keys() == p.keys()
+        for k in s:
+            if isinstance(s[k], torch.Tensor):
+                assert torch.equal(s[k], p[k]), k
+            else:
+                assert s[k] == p[k], k

@@ -9,17 +9,24 @@ turned into examples by the same :class:`FrameToExample`, so the same :class:`Pa
 One documented difference from the RLDS path: images are resized 256 -> 224 here with torch's antialiased
 bilinear filter, while the RLDS path uses TF lanczos3 (FORMAT section 10). The two sources are therefore not
 pixel-identical; each is deterministic on its own, which is all the equivalence tests need.
+
+Worker processes (opt-in, for large sources on many-core machines such as the GPU host): with
+``SYNTHETIC_SOURCE_WORKERS=<n>`` in the environment (or ``workers=n``), episodes are rendered by n forked
+processes and :func:`iterate_global_batches` builds batches in n DataLoader workers (pinned memory on CUDA
+machines). Episodes, batches and their order are identical to the serial path; only the wall time changes.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from prismatic.vla.constants import (
     ACTION_DIM,
@@ -67,6 +74,39 @@ def resize_uint8(images: np.ndarray, size: int) -> torch.Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+WORKERS_ENV = "SYNTHETIC_SOURCE_WORKERS"
+
+
+def default_workers() -> int:
+    """Worker processes for rendering and batching (``$SYNTHETIC_SOURCE_WORKERS``, default 0 = serial)."""
+    value = os.environ.get(WORKERS_ENV, "0").strip() or "0"
+    workers = int(value)
+    if workers < 0:
+        raise ValueError(f"{WORKERS_ENV} must be >= 0, got {value!r}")
+    return workers
+
+
+def _single_thread() -> None:
+    torch.set_num_threads(1)  # one intra-op thread per forked worker: the workers are the parallelism
+
+
+def _render_resized(job: tuple[int, int, int, int]) -> dict[str, Any]:
+    """Render one episode and resize its images (a top-level function, so worker processes can run it)."""
+    seed, index, length, image_size = job
+    episode = render_episode(seed, index, length)
+    for key in ("images", "wrist_images"):
+        episode[key] = resize_uint8(episode[key], image_size).numpy()
+    return episode
+
+
+def render_episodes(jobs: list[tuple[int, int, int, int]], workers: int) -> list[dict[str, Any]]:
+    """``_render_resized`` over jobs, in order; ``workers`` > 1 forks that many processes (same results)."""
+    if workers <= 1 or len(jobs) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return [_render_resized(job) for job in jobs]
+    with multiprocessing.get_context("fork").Pool(min(workers, len(jobs)), initializer=_single_thread) as pool:
+        return pool.map(_render_resized, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The map-style source.
 # --------------------------------------------------------------------------------------------------------------
@@ -78,6 +118,7 @@ class SyntheticTorchSource(Dataset):
     ``episode_length`` is an int or an inclusive (min, max) range; lengths are drawn from ``seed``.
     ``prompt_tokenizer`` defaults to ``PromptTokenizer(load_qwen_tokenizer())``. ``statistics`` (one dataset's
     entry of dataset_statistics.json) normalizes with given statistics instead of this source's own.
+    ``workers`` (default ``$SYNTHETIC_SOURCE_WORKERS`` or 0) renders episodes in that many forked processes.
     """
 
     def __init__(
@@ -90,12 +131,14 @@ class SyntheticTorchSource(Dataset):
         image_size: int = 224,
         prompt_tokenizer: Any | None = None,
         statistics: dict[str, Any] | None = None,
+        workers: int | None = None,
     ) -> None:
         if num_episodes < 1:
             raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
         self.seed, self.dataset_name, self.num_images = seed, dataset_name, num_images
         lo, hi = (episode_length, episode_length) if isinstance(episode_length, int) else episode_length
-        episodes = [render_episode(seed, i, draw_length(seed, i, lo, hi)) for i in range(num_episodes)]
+        jobs = [(seed, i, draw_length(seed, i, lo, hi), image_size) for i in range(num_episodes)]
+        episodes = render_episodes(jobs, default_workers() if workers is None else workers)
         trajectories = [training_trajectory(ep) for ep in episodes]
         if statistics is None:  # held-out sources pass the training statistics instead, as at deployment
             statistics = compute_statistics(trajectories, LIBERO_CONFIG.action_mask)
@@ -119,11 +162,11 @@ class SyntheticTorchSource(Dataset):
         prepared = {
             "actions": actions[chunk_indices(len(actions))].astype(np.float32),  # [L, 8, 7]
             "proprio": normalize_bounds_q99(traj["proprio"], stats["proprio"]).astype(np.float32),  # [L, 8]
-            "image_primary": resize_uint8(episode["images"], image_size),  # [L, S, S, 3]
+            "image_primary": torch.from_numpy(episode["images"]),  # [L, S, S, 3], resized by render_episodes
             "instruction": str(episode["instruction"]),
         }
         if self.num_images > 1:
-            prepared["image_wrist"] = resize_uint8(episode["wrist_images"], image_size)
+            prepared["image_wrist"] = torch.from_numpy(episode["wrist_images"])
         return prepared
 
     def __len__(self) -> int:
@@ -217,6 +260,7 @@ def iterate_global_batches(
     num_epochs: int | None = 1,
     skip_steps: int = 0,
     collator: PaddedCollator | None = None,
+    workers: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Collated per-rank micro-batches of the global order of :class:`GlobalBatchSampler`, epoch after epoch.
 
@@ -224,9 +268,15 @@ def iterate_global_batches(
     micro-batches in index space (nothing is loaded), for resuming exactly where a run stopped.
     Each rank pads its own slice, so padded lengths may differ between a 1-process and a multi-rank run;
     right padding is masked, so the valid positions are unaffected.
+    ``workers`` (default ``$SYNTHETIC_SOURCE_WORKERS`` or 0) builds the same batches, in the same order, in that
+    many DataLoader worker processes.
     """
     collate = collator or PaddedCollator()
     sampler = GlobalBatchSampler(len(source), batch_size, world_size, rank, seed)
+    workers = default_workers() if workers is None else workers
+    if workers > 0:
+        yield from _loader_batches(source, sampler, num_epochs, skip_steps, collate, workers)
+        return
     epoch = 0
     while num_epochs is None or epoch < num_epochs:
         sampler.set_epoch(epoch)
@@ -236,6 +286,45 @@ def iterate_global_batches(
                 continue
             yield collate([source[i] for i in indices])
         epoch += 1
+
+
+class _EpochBatches:
+    """The index lists of ``iterate_global_batches``' serial loop (epochs, skipped steps), as a batch sampler."""
+
+    def __init__(self, sampler: GlobalBatchSampler, num_epochs: int | None, skip_steps: int) -> None:
+        self.sampler, self.num_epochs, self.skip_steps = sampler, num_epochs, skip_steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, skip = 0, self.skip_steps
+        while self.num_epochs is None or epoch < self.num_epochs:
+            self.sampler.set_epoch(epoch)
+            for indices in self.sampler:
+                if skip > 0:
+                    skip -= 1
+                    continue
+                yield indices
+            epoch += 1
+
+
+def _loader_batches(
+    source: Dataset,
+    sampler: GlobalBatchSampler,
+    num_epochs: int | None,
+    skip_steps: int,
+    collate: PaddedCollator,
+    workers: int,
+) -> Iterator[dict[str, Any]]:
+    context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    loader = DataLoader(
+        source,
+        batch_sampler=_EpochBatches(sampler, num_epochs, skip_steps),
+        collate_fn=collate,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=2,
+        multiprocessing_context=context,
+    )
+    yield from loader
 
 
 # --------------------------------------------------------------------------------------------------------------

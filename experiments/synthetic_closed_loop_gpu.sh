@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# GPU variant of experiments/synthetic_closed_loop.sh (training half): vla-scripts/finetune.py, full fine-tuning of
+# the tiny random Prismatic base (make_tiny_checkpoint.py --format base --seed 0) on the torch-only synthetic
+# source (--data_source synthetic: the pick-and-lift task rendered in memory, no tensorflow), several
+# configurations at once on one GPU. Evaluate the checkpoints on a CPU machine afterwards (the eval's image path
+# needs tensorflow): experiments/synthetic_closed_loop.sh's eval loop, or
+#   python experiments/robot/libero/run_libero_eval.py --pretrained_checkpoint <run>/<id>--<step>_chkpt \
+#     --task_suite_name synthetic --unnorm_key synthetic_no_noops --center_crop False --num_trials_per_task 3 \
+#     --device cpu
+#
+#   RUNS="a:1e-3:64:20000 b:3e-4:64:20000" EPISODES=2000 bash experiments/synthetic_closed_loop_gpu.sh
+#
+# RUNS: space-separated id:lr:batch:steps[:images] (images: --num_images_in_input, default 2; evaluate a 1-image
+# policy with --num_images_in_input 1); each run warms up for 2% of its steps, decays the LR x0.1 for its
+# last sixth and saves every SAVE_EVERY steps (default steps/4). Data: --seed 0, so episode i of the torch source
+# is episode i of make_synthetic_rlds.py --seed 0 (same scene, states and actions over their common steps); it
+# differs in length (20-40 steps here, 12-20 in synthetic_closed_loop.sh), in the images (raw here, JPEG in RLDS;
+# bilinear 256 -> 224 here, lanczos3 there and in the eval) and hence slightly in the dataset statistics.
+# SYNTHETIC_SOURCE_WORKERS (default 3) worker processes per run render the episodes and build the batches.
+# Throughput measured on one H200 (2026-12-05, 16 host cores, 300 episodes, 2 images, eager): 4 runs at once at
+# batch 64 / 64 / 128 / 256 gave ~430 / 430 / 520 / 570 samples/s each (~1,950 in total); one run alone at batch
+# 256 ~830 samples/s. Host-bound: each sample's float32 pixels (2 images x 6 channels x 224 x 224 = 2.4 MB) are
+# copied several times on their way to the GPU. Startup: ~5 ms per rendered frame per worker (2,000 episodes of
+# 20-40 steps + 250 held-out episodes ~ 67k frames) and ~9 GB of host memory per 1,000 episodes per run
+# (2 x 150 KB per frame, computed; plus the prefetched batches).
+# Result so far: NOT a learning success (see craft_progress.md); the budgets tried were <= 51k samples on the GPU.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-closed_loop_gpu_out}"; EPISODES="${EPISODES:-2000}"; RUNS="${RUNS:-a:1e-3:64:20000}"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled SYNTHETIC_SOURCE_WORKERS="${SYNTHETIC_SOURCE_WORKERS:-3}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+PY="${PYTHON:-python3}"  # the interpreter that holds torch (plain python3 on the GPU image)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the repo, when it is not pip-installed (GPU image)
+if ! $PY -c "import draccus" 2>/dev/null; then
+  $PY -m pip install --quiet --no-index --no-deps .whl/*.whl  # draccus + its pure-Python deps (no network)
+fi
+mkdir -p "$OUT"
+[ -d "$OUT/tiny/base" ] || $PY vla-scripts/make_tiny_checkpoint.py --output_dir "$OUT/tiny" --format base --seed 0
+pids=()
+for spec in $RUNS; do
+  IFS=: read -r id lr bs steps images <<<"$spec"
+  save="${SAVE_EVERY:-$((steps / 4))}"
+  $PY vla-scripts/finetune.py --vlm_path "$OUT/tiny/base" --use_minivlm True \
+    --config_file_path "$OUT/tiny/base/hf_config" --data_source synthetic --synthetic_num_episodes "$EPISODES" \
+    --dataset_name synthetic_no_noops --seed 0 --run_root_dir "$OUT/runs" --run_id_override "$id" \
+    --num_images_in_input "${images:-2}" --use_lora False --image_aug False --batch_size "$bs" --learning_rate "$lr" \
+    --lr_warmup_steps $((steps / 50)) --num_steps_before_decay $((steps * 5 / 6)) --max_steps "$steps" \
+    --save_freq "$save" --device cuda --show_progress False --wandb_mode disabled >"$OUT/$id.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+exit $status
