@@ -16,8 +16,6 @@ from prismatic.extern.hf.configuration_prismatic import OpenVLAConfig, tiny_open
 from prismatic.extern.hf.modeling_prismatic import OpenVLAForActionPrediction
 from prismatic.vla.constants import IGNORE_INDEX, NUM_TOKENS, PAD_TOKEN_ID
 
-UPSTREAM_FORMAT_DIR = Path(__file__).resolve().parents[2] / "shared" / "upstream_format"
-
 IM_START_ID = 151644  # every Qwen prompt starts with <|im_start|>
 NEWLINE_ID = 198  # ...and ends with "\n" (FORMAT section 9)
 MIN_ACTION_ID, MAX_ACTION_ID = 151387, 151642

@@ -19,6 +19,16 @@ from prismatic.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = REPO / "vla-scripts" / "finetune.py"
+UPSTREAM_FACTS = Path(__file__).resolve().parent / "upstream_facts"  # committed facts of upstream's formats
+
+
+def upstream_sha256(name: str) -> str:
+    """The sha256 recorded for a file of upstream's release (tests/upstream_facts/SHA256SUMS)."""
+    for line in (UPSTREAM_FACTS / "SHA256SUMS").read_text().splitlines():
+        digest, file_name = line.split(maxsplit=1)
+        if file_name == name:
+            return digest
+    raise KeyError(f"{name} is not in {UPSTREAM_FACTS / 'SHA256SUMS'}")
 
 
 def load_script(name: str):  # noqa: ANN201

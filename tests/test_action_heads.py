@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import ast
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import UPSTREAM_FACTS
 
 from prismatic.models.action_heads import L1RegressionActionHead, RotaryTable, apply_rope
 from prismatic.models.projectors import ProprioProjector
 
-FORMAT_DIR = Path(__file__).resolve().parents[2] / "shared" / "upstream_format"
 TOL = 1e-10
 
 # Tiny configuration: D=32, 4 heads (head_dim 8), 3 blocks (4 hidden layers), 12 task tokens, chunk 8 x 7.
@@ -35,9 +34,7 @@ N_ACTION_TOKENS = 64
 
 
 def read_listing(name: str) -> list[tuple[str, tuple[int, ...]]]:
-    path = FORMAT_DIR / name
-    if not path.exists():
-        pytest.skip(f"upstream key listing not found at {path}")
+    path = UPSTREAM_FACTS / name
     rows = []
     for line in path.read_text().splitlines():
         if not line.strip() or line.startswith("#"):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import UPSTREAM_FACTS
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -45,7 +46,7 @@ from prismatic.models.checkpoints import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-UPSTREAM_DIR = REPO_ROOT.parent / "shared" / "upstream_format"
+UPSTREAM_DIR = UPSTREAM_FACTS
 SEED = 0
 # FORMAT section 7: upstream LoRA's expanded "all-linear" target list (lm_head and patch_embed.proj included).
 UPSTREAM_LORA_TARGETS = [

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import UPSTREAM_FACTS
 from safetensors import safe_open
 from transformers import Qwen2Config
 
@@ -33,15 +34,12 @@ from prismatic.models.action_heads import L1RegressionActionHead
 from prismatic.models.projectors import ProprioProjector
 from prismatic.vla.constants import IGNORE_INDEX, NUM_TOKENS
 
-FORMAT_DIR = Path(__file__).resolve().parents[2] / "shared" / "upstream_format"
 P = 512  # 2 images x 256 patches in the tiny batches
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def upstream_config_dir() -> Path:
-    if not (FORMAT_DIR / "config.json").exists():
-        pytest.skip(f"upstream config.json not found in {FORMAT_DIR}")
-    return FORMAT_DIR
+    return UPSTREAM_FACTS
 
 
 def read_key_listing(name: str) -> list[tuple[str, tuple[int, ...]]]:

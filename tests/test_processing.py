@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import upstream_sha256
 from PIL import Image
 
 from prismatic.extern.hf.processing_prismatic import (
@@ -18,10 +20,9 @@ from prismatic.extern.hf.processing_prismatic import (
 from prismatic.vla.prompting import build_inference_prompt
 from prismatic.vla.tokenizer import TOKENIZER_FILE_NAMES, tokenizer_files
 
-UPSTREAM_DIR = Path(__file__).resolve().parents[2] / "shared" / "upstream_format"
 BUNDLED_PROCESSOR_DIR = Path(__file__).resolve().parents[1] / "prismatic" / "assets" / "processor"
 # The released config files: the shared upstream copies when available, else the bundled byte copies.
-REFERENCE_CONFIG_DIR = UPSTREAM_DIR if UPSTREAM_DIR.is_dir() else BUNDLED_PROCESSOR_DIR
+REFERENCE_CONFIG_DIR = BUNDLED_PROCESSOR_DIR  # equal to upstream's: test_bundled_processor_configs_equal_upstream
 
 # FORMAT.md section 10: the statistics in effect upstream (bf16-rounded ImageNet for DINO; 0.5 for SigLIP).
 DINO_MEAN = np.array([0.484375, 0.455078125, 0.40625])
@@ -160,7 +161,6 @@ def test_processor_save_load_round_trip(tmp_path):
     np.testing.assert_allclose(out["pixel_values"][0].numpy(), expected, rtol=0, atol=TOL)
 
 
-@pytest.mark.skipif(not UPSTREAM_DIR.is_dir(), reason=f"{UPSTREAM_DIR} not available")
 def test_bundled_processor_configs_equal_upstream():
     for name in ("preprocessor_config.json", "processor_config.json"):
-        assert (BUNDLED_PROCESSOR_DIR / name).read_bytes() == (UPSTREAM_DIR / name).read_bytes()
+        assert hashlib.sha256((BUNDLED_PROCESSOR_DIR / name).read_bytes()).hexdigest() == upstream_sha256(name)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import UPSTREAM_FACTS, upstream_sha256
 from transformers import AutoTokenizer
 
 from prismatic.vla.constants import ACTION_TOKEN_BEGIN_IDX, IGNORE_INDEX, NUM_TOKENS, PAD_TOKEN_ID
@@ -25,9 +26,6 @@ from prismatic.vla.tokenizer import (
     save_tokenizer_files,
     tokenizer_files,
 )
-
-UPSTREAM_DIR = Path(__file__).resolve().parents[2] / "shared" / "upstream_format"
-needs_upstream = pytest.mark.skipif(not UPSTREAM_DIR.is_dir(), reason=f"{UPSTREAM_DIR} not available")
 
 # FORMAT.md section 9, copied from the document (upstream facts, not outputs of our code).
 PREFIX_IDS = [151644, 8948, 198, 2610, 525, 1207, 16948, 11, 3465, 553, 54364, 14817, 13, 1446, 525, 264, 10950]
@@ -94,16 +92,15 @@ def test_tokenizer_files_copy_and_reload(tmp_path):
         load_qwen_tokenizer(tmp_path / "ckpt")
 
 
-@needs_upstream
 def test_bundled_tokenizer_files_equal_upstream():
     for name in TOKENIZER_FILE_NAMES:
         upstream_name = "tokenizer.regenerated.json" if name == "tokenizer.json" else name
-        assert (BUNDLED_TOKENIZER_DIR / name).read_bytes() == (UPSTREAM_DIR / upstream_name).read_bytes(), name
+        digest = hashlib.sha256((BUNDLED_TOKENIZER_DIR / name).read_bytes()).hexdigest()
+        assert digest == upstream_sha256(upstream_name), name
 
 
-@needs_upstream
 def test_upstream_prompt_ids_reproduced(tokenizer, prompts):
-    example = json.loads((UPSTREAM_DIR / "prompt_ids_example.json").read_text())
+    example = json.loads((UPSTREAM_FACTS / "prompt_ids_example.json").read_text())
     assert build_training_prompt(EXAMPLE_INSTRUCTION) == example["train_prompt"]
     assert build_inference_prompt(EXAMPLE_INSTRUCTION) == example["infer_prompt"]
     assert tokenizer(example["train_prompt"]).input_ids == example["train_ids_full"]
