@@ -70,6 +70,7 @@ from torch import nn
 
 from prismatic.extern.hf.configuration_prismatic import OpenVLAConfig, tiny_openvla_config
 from prismatic.extern.hf.modeling_prismatic import OpenVLAForActionPrediction, create_vit, feature_block_index
+from prismatic.models.checkpoints import base_model
 from prismatic.models.llm_attention import restore_attention, use_right_padded_causal_attention
 from prismatic.training.compilation import COMPILE_MODES, compile_policy, uses_cuda_graphs
 from prismatic.training.craft_step import CraftStep, OnlineAnchor
@@ -84,7 +85,7 @@ from prismatic.training.distributed import (
 )
 from prismatic.training.fused_lora import adapter_cache
 from prismatic.training.lr_schedule import build_scheduler
-from prismatic.training.model_setup import StartPoint, base_model, build_policy
+from prismatic.training.model_setup import StartPoint, build_policy
 from prismatic.training.trainer import PolicyModules, StepSettings, Trainer, move_batch, optimizer_step_unless
 from prismatic.vla.constants import LIBERO, NUM_PATCHES_PER_IMAGE, NUM_TOKENS, PlatformConstants
 from prismatic.vla.datasets.torch_source import random_batch

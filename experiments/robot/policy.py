@@ -35,6 +35,7 @@ from prismatic.models.checkpoints import (
     ACTION_HEAD,
     CheckpointError,
     LoadedPolicy,
+    base_model,
     find_component_file,
     has_hf_model_files,
     load_vla_release,
@@ -142,7 +143,7 @@ class VLAPolicy:
         self.center_crop = center_crop
         self.num_open_loop_steps = num_open_loop_steps
         self.device, self.dtype = device, dtype
-        self.model = loaded.vla.get_base_model() if hasattr(loaded.vla, "get_base_model") else loaded.vla
+        self.model = base_model(loaded.vla)
         self.proprio_stats = (loaded.norm_stats or {})[unnorm_key].get("proprio") if use_proprio else None
         if use_proprio and self.proprio_stats is None:
             raise CheckpointError(f"--use_proprio True, but the statistics of {unnorm_key!r} have no 'proprio' entry")

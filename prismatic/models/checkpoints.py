@@ -703,8 +703,9 @@ def merge_lora(peft_model: nn.Module) -> OpenVLAForActionPrediction:
 # ----------------------------------------------------------------------------------------------------------------
 # (c) the whole policy
 # ----------------------------------------------------------------------------------------------------------------
-def _unwrap(vla: nn.Module) -> OpenVLAForActionPrediction:
-    return vla.get_base_model() if hasattr(vla, "get_base_model") else vla
+def base_model(vla: nn.Module) -> OpenVLAForActionPrediction:
+    """The underlying ``OpenVLAForActionPrediction`` of a plain or PEFT-wrapped VLA (the one home of this rule)."""
+    return vla.get_base_model() if hasattr(vla, "get_base_model") else vla  # type: ignore[return-value]
 
 
 def _load_base_for_adapter(
@@ -785,7 +786,7 @@ def load_vla_release(
     base_dir = Path(base_model_dir) if base_model_dir is not None else None
     config_dir = Path(base_config_dir) if base_config_dir is not None else None
     vla = _load_vla_part(path, base_dir, config_dir, merge_lora, dtype, report)
-    model = _unwrap(vla)
+    model = base_model(vla)
 
     if num_images is None:
         num_images = int(getattr(model.config, "num_images_in_input", DEFAULT_NUM_IMAGES))

@@ -33,7 +33,7 @@ def compile_policy(modules: PolicyModules, vision: bool = True, mode: str = "def
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     import torch._functorch.config as functorch_config
 
-    from prismatic.training.model_setup import base_model  # peft/transformers: only when compiling
+    from prismatic.models.checkpoints import base_model  # transformers: only when compiling
 
     functorch_config.donated_buffer = False
     vla = base_model(modules.vla)

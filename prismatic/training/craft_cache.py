@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prismatic.models.checkpoints import PEFT_PREFIX, base_model
 from prismatic.training.craft_utils import CRaFTConfig, CRaFTFeatureExtractor, RunningMoments, resolve_anchor_layer
 
 CACHE_FORMAT_VERSION = 1
@@ -106,14 +107,13 @@ class MissingKeysError(CacheError, KeyError):
 
 
 # ------------------------------------------------------------------------------------------- fingerprint --
-_PEFT_PREFIX = "base_model.model."
 _CHECKSUM_CHUNK = 1 << 24  # bytes per int64 temporary (128 MB) while check-summing a tensor
 _CHECKSUM_MOD = 65521  # position weights cycle through 1..65521
 
 
 def canonical_parameter_name(name: str) -> str | None:
     """The plain-model name of a (possibly PEFT-wrapped) parameter, or None for LoRA's own parameters."""
-    parts = name.removeprefix(_PEFT_PREFIX).split(".")
+    parts = name.removeprefix(PEFT_PREFIX).split(".")
     if any(part.startswith("lora_") for part in parts):
         return None
     return ".".join(part for part in parts if part != "base_layer")
@@ -179,10 +179,6 @@ def pooling_name(use_mean_pooling: bool) -> str:
     return "mean" if use_mean_pooling else "max"
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def expected_metadata(
     model: nn.Module,
     dataset_statistics: Mapping[str, Mapping[str, Any]],
@@ -200,7 +196,7 @@ def expected_metadata(
     """
     if not dataset_statistics:
         raise ValueError("expected_metadata needs the dataset statistics of at least one dataset")
-    text_config = _base_model(model).config.text_config
+    text_config = base_model(model).config.text_config
     num_hidden_states = int(text_config.num_hidden_layers) + 1  # embedding output + one per LLM layer
     extractor = CRaFTFeatureExtractor(use_mean_pooling, feature_variant)
     hidden_size = int(text_config.hidden_size)

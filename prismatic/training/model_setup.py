@@ -21,6 +21,7 @@ from prismatic.extern.hf.configuration_prismatic import OpenVLAConfig
 from prismatic.extern.hf.modeling_prismatic import OpenVLAForActionPrediction
 from prismatic.models.action_heads import L1RegressionActionHead
 from prismatic.models.checkpoints import (
+    PEFT_PREFIX,
     CheckpointError,
     find_component_file,
     load_prismatic_base_checkpoint,
@@ -42,7 +43,6 @@ UPSTREAM_LORA_TARGETS = [
     "down_proj", "fc1", "proj", "lm_head", "fc2", "gate_proj", "o_proj", "v_proj",
     "k_proj", "kv", "fc3", "q", "qkv", "up_proj", "q_proj",
 ]  # fmt: skip
-PEFT_PREFIX = "base_model.model."
 
 
 @dataclass
@@ -204,8 +204,3 @@ def cast_frozen_parameters(modules: PolicyModules, dtype: torch.dtype) -> int:
                 p.data = p.data.to(dtype)
                 count += 1
     return count
-
-
-def base_model(vla: nn.Module) -> OpenVLAForActionPrediction:
-    """The underlying ``OpenVLAForActionPrediction`` of a plain or PEFT-wrapped VLA."""
-    return vla.get_base_model() if isinstance(vla, PeftModel) else vla  # type: ignore[return-value]

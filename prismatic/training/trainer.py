@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from prismatic.extern.hf.modeling_prismatic import action_head_inputs
+from prismatic.models.checkpoints import base_model
 from prismatic.models.llm_attention import RIGHT_PADDED_CAUSAL, check_right_padded
 from prismatic.training.distributed import DistributedContext, GradientSynchronizer
 from prismatic.training.fused_lora import adapter_cache
@@ -136,7 +137,7 @@ class Trainer:
         self.craft = craft
         self._training_mode: bool | None = None
         self.adapter_cache = adapter_cache(modules.vla)  # compute-dtype adapter copies of fused LoRA layers
-        vla = modules.vla.get_base_model() if hasattr(modules.vla, "get_base_model") else modules.vla
+        vla = base_model(modules.vla)
         llm = getattr(vla, "language_model", None)
         # Mask-free causal attention is exact only for right-padded rows: check batches still on the CPU.
         self.needs_right_padding = llm is not None and llm.config._attn_implementation == RIGHT_PADDED_CAUSAL
