@@ -47,7 +47,6 @@ from prismatic.training.run_dir import (
     STATE_DIR,
     STATE_FILE,
     checkpoint_record,
-    find_checkpoint,
 )
 from prismatic.training.trainer import PolicyModules
 
@@ -231,10 +230,6 @@ class CheckpointManager:
         tmp.rmdir()
 
     # ------------------------------------------------------------------------------------- resume -------
-    def find(self, resume_step: int | None) -> Path:
-        """The checkpoint dir to resume from: the given step, or the newest complete one."""
-        return find_checkpoint(self.run_dir, self.run_id, resume_step)[0]
-
     def load(
         self, ckpt: Path, modules: PolicyModules, optimizer: torch.optim.Optimizer, scheduler: Any
     ) -> dict[str, Any]:

@@ -152,7 +152,7 @@ class CRaFTConfig:
     @property
     def gate_enabled(self) -> bool:
         """The projection gate is on (``projection_gate_rho`` set and >= 0)."""
-        return self.projection_gate_rho is not None and self.projection_gate_rho >= 0
+        return gate_is_on(self.projection_gate_rho)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -638,9 +638,14 @@ class CRaFTDualOptimizer:
 
 
 # ------------------------------------------------------------------------------------- projection gate --
+def gate_is_on(rho: float | None) -> bool:
+    """The one rule for the projection gate: on when ``projection_gate_rho`` is set and >= 0."""
+    return rho is not None and rho >= 0
+
+
 def projection_gate_weight(ratio_ema: float, rho: float | None) -> float:
-    """w = clip((m - rho) / (1 - rho), 0, 1) for m = EMA of L_ret / epsilon; 1.0 when rho is None or < 0."""
-    if rho is None or rho < 0:
+    """w = clip((m - rho) / (1 - rho), 0, 1) for m = EMA of L_ret / epsilon; 1.0 when the gate is off."""
+    if not gate_is_on(rho):
         return 1.0
     return min(max((ratio_ema - rho) / (1.0 - rho), 0.0), 1.0)
 
@@ -661,7 +666,7 @@ class CRaFTProjectionGate:
         self.rho = rho
         self.beta = float(beta)
         self.budget = float(budget)
-        self.enabled = rho is not None and rho >= 0
+        self.enabled = gate_is_on(rho)
         if self.enabled and not (math.isfinite(budget) and budget > 0):
             raise ValueError(f"the projection gate needs a budget > 0, got {budget!r}")
         self.ratio_ema = 0.0
