@@ -10,8 +10,9 @@
 #
 #   RUNS="a:1e-3:64:20000 b:3e-4:64:20000" EPISODES=2000 bash experiments/synthetic_closed_loop_gpu.sh
 #
-# RUNS: space-separated id:lr:batch:steps[:images] (images: --num_images_in_input, default 2; evaluate a 1-image
-# policy with --num_images_in_input 1); each run warms up for 2% of its steps, decays the LR x0.1 for its
+# RUNS: space-separated id:lr:batch:steps[:images[:pos]] (images: --num_images_in_input, default 2; evaluate a
+# 1-image policy with --num_images_in_input 1; pos: the tiny base's ViT position tables, make_tiny_checkpoint.py
+# --pos_embed_init random|sincos, default $POS_EMBED or random); each run warms up for 2% of its steps, decays the LR x0.1 for its
 # last sixth and saves every SAVE_EVERY steps (default steps/4). Data: --seed 0, so episode i of the torch source
 # is episode i of make_synthetic_rlds.py --seed 0 (same scene, states and actions over their common steps); it
 # differs in length (20-40 steps here, 12-20 in synthetic_closed_loop.sh), in the images (raw here, JPEG in RLDS;
@@ -35,13 +36,15 @@ if ! $PY -c "import draccus" 2>/dev/null; then
   $PY -m pip install --quiet --no-index --no-deps .whl/*.whl  # draccus + its pure-Python deps (no network)
 fi
 mkdir -p "$OUT"
-[ -d "$OUT/tiny/base" ] || $PY vla-scripts/make_tiny_checkpoint.py --output_dir "$OUT/tiny" --format base --seed 0
 pids=()
 for spec in $RUNS; do
-  IFS=: read -r id lr bs steps images <<<"$spec"
+  IFS=: read -r id lr bs steps images pos <<<"$spec"
+  pos="${pos:-${POS_EMBED:-random}}"; base="$OUT/tiny-$pos/base"
+  [ -d "$base" ] || $PY vla-scripts/make_tiny_checkpoint.py --output_dir "$OUT/tiny-$pos" --format base --seed 0 \
+    --pos_embed_init "$pos"
   save="${SAVE_EVERY:-$((steps / 4))}"
-  $PY vla-scripts/finetune.py --vlm_path "$OUT/tiny/base" --use_minivlm True \
-    --config_file_path "$OUT/tiny/base/hf_config" --data_source synthetic --synthetic_num_episodes "$EPISODES" \
+  $PY vla-scripts/finetune.py --vlm_path "$base" --use_minivlm True \
+    --config_file_path "$base/hf_config" --data_source synthetic --synthetic_num_episodes "$EPISODES" \
     --dataset_name synthetic_no_noops --seed 0 --run_root_dir "$OUT/runs" --run_id_override "$id" \
     --num_images_in_input "${images:-2}" --use_lora False --image_aug False --batch_size "$bs" --learning_rate "$lr" \
     --lr_warmup_steps $((steps / 50)) --num_steps_before_decay $((steps * 5 / 6)) --max_steps "$steps" \

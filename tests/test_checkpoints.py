@@ -184,6 +184,34 @@ def test_tool_is_deterministic_given_the_seed(reference):
     assert again.dataset_statistics == reference.dataset_statistics
 
 
+def test_sincos_position_tables_match_a_float64_reference_and_change_nothing_else(reference):
+    """--pos_embed_init sincos: each ViT table equals an independent numpy reference (1e-6, the float32
+    rounding of values in [-1, 1]); every other parameter is bit-identical to the default ("random") policy."""
+    policy = tool.build_tiny_policy(seed=SEED, pos_embed_init="sincos")
+    changed = []
+    for (name, ours), (_, ref) in zip(policy.vla.named_parameters(), reference.vla.named_parameters()):
+        if torch.equal(ours, ref):
+            continue
+        changed.append(name)
+        _, n, dim = ours.shape
+        grid, quarter = int(round(n**0.5)), dim // 4
+        expected = np.empty((n, dim))
+        for p in range(n):
+            row, col = divmod(p, grid)  # raster order
+            for half, coord in enumerate((row, col)):
+                for k in range(quarter):
+                    angle = coord / 10000.0 ** (k / quarter)
+                    expected[p, half * 2 * quarter + k] = np.sin(angle)
+                    expected[p, half * 2 * quarter + quarter + k] = np.cos(angle)
+        np.testing.assert_allclose(ours[0].detach().double().numpy(), expected, atol=1e-6, rtol=0)
+    assert sorted(changed) == sorted(n for n, _ in reference.vla.named_parameters() if n.endswith("pos_embed"))
+    assert len(changed) == 2  # one table per ViT (DINOv2, SigLIP)
+    for name in ("action_head", "proprio_projector"):
+        assert _state_equal(getattr(policy, name), getattr(reference, name)), name
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        tool.build_tiny_policy(seed=SEED, pos_embed_init="learned")
+
+
 def test_tool_writes_every_format(tiny):
     names = {p.name for p in tiny.release_dir.iterdir()}
     assert {

@@ -41,6 +41,7 @@ from prismatic.models.projectors import ProprioProjector
 from prismatic.vla.constants import ACTION_DIM, NUM_ACTIONS_CHUNK, PROPRIO_DIM
 
 FORMATS = ("base", "release", "hf")
+POS_EMBED_INITS = ("random", "sincos")
 TINY_DATASET_NAME = "tiny_random_dataset"  # the single key of the written dataset_statistics.json
 CONFIG_DATASET_NAME = "tiny_config_only_dataset"  # what config.json's norm_stats hold (replaced at load time)
 TINY_BASE_MODEL_ID = "tiny-random+prism-qwen25-extra-dinosiglip-224px"  # "model_id" of the base run config
@@ -82,6 +83,49 @@ def randomize_parameters(module: nn.Module, generator: torch.Generator) -> None:
             param.copy_(value.to(param.dtype))
 
 
+def sincos_position_table(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position table [grid * grid, dim] (float64), rows in raster order (row-major).
+
+    The first half of the channels encodes the patch row, the second half the column; each half is
+    sin(p * w_k) for its first quarter of ``dim`` and cos(p * w_k) for the second, w_k = 10000^(-k / (dim / 4)).
+    Entries lie in [-1, 1] with an RMS of about 0.7, the scale of the patch (content) embeddings.
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sine-cosine table needs dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # [dim/4]
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega  # [grid^2, dim/4]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1)  # [grid^2, dim]
+
+
+def set_sincos_position_embeddings(vla: nn.Module) -> list[str]:
+    """Overwrite every ViT ``pos_embed`` [1, N, D] (N = patches, a square grid) with ``sincos_position_table``.
+
+    Why: ``randomize_parameters`` scales a [1, 256, D] table like a weight matrix (std 1 / sqrt(256 D), about
+    0.01), so "where" is ~1% of each vision token against O(1) content, and a policy trained from the tiny base
+    must first grow it before it can localise anything. A pretrained ViT's table is large and structured; the
+    fixed sine-cosine table is the closest stand-in that needs no training. Returns the names it overwrote.
+    """
+    names = []
+    with torch.no_grad():
+        for name, param in vla.named_parameters():
+            if not name.endswith("pos_embed"):
+                continue
+            _, num_positions, dim = param.shape
+            grid = math.isqrt(num_positions)
+            if grid * grid != num_positions:
+                raise ValueError(f"{name}: {num_positions} positions do not form a square grid")
+            param.copy_(sincos_position_table(grid, dim).to(param.dtype)[None])
+            names.append(name)
+    return names
+
+
 def synthetic_dataset_statistics(
     generator: torch.Generator, action_dim: int = ACTION_DIM, proprio_dim: int = PROPRIO_DIM
 ) -> dict[str, Any]:
@@ -110,8 +154,15 @@ def build_tiny_policy(
     use_pro_version: bool = True,
     num_images: int = 2,
     dataset_statistics: dict[str, Any] | None = None,
+    pos_embed_init: str = "random",
 ) -> TinyPolicy:
-    """The tiny VLA + head + proprio projector, all parameters drawn from ``seed``."""
+    """The tiny VLA + head + proprio projector, all parameters drawn from ``seed``.
+
+    ``pos_embed_init="sincos"`` then replaces the ViT position tables with fixed 2-D sine-cosine ones
+    (:func:`set_sincos_position_embeddings`); every other parameter is the same as with "random".
+    """
+    if pos_embed_init not in POS_EMBED_INITS:
+        raise ValueError(f"pos_embed_init must be one of {POS_EMBED_INITS}, got {pos_embed_init!r}")
     generator = torch.Generator().manual_seed(seed)
     stats = dataset_statistics or {TINY_DATASET_NAME: synthetic_dataset_statistics(generator)}
     config_stats = {CONFIG_DATASET_NAME: synthetic_dataset_statistics(generator)}
@@ -133,6 +184,8 @@ def build_tiny_policy(
     for module in (vla, head, proprio):
         randomize_parameters(module, generator)
         module.eval()
+    if pos_embed_init == "sincos":
+        set_sincos_position_embeddings(vla)
     return TinyPolicy(vla, head, proprio, stats)
 
 
@@ -153,6 +206,7 @@ def make_tiny_checkpoints(
     num_images: int = 2,
     dataset_statistics: str | Path | dict[str, Any] | None = None,
     include_vision: bool = True,
+    pos_embed_init: str = "random",
 ) -> TinyCheckpoints:
     """Write the requested formats ("base", "release", "hf") of one tiny random policy under ``output_dir``."""
     unknown = sorted(set(formats) - set(FORMATS))
@@ -160,7 +214,7 @@ def make_tiny_checkpoints(
         raise ValueError(f"Unknown formats {unknown}; choose from {FORMATS}")
     if isinstance(dataset_statistics, (str, Path)):
         dataset_statistics = json.loads(Path(dataset_statistics).read_text())
-    policy = build_tiny_policy(seed, use_pro_version, num_images, dataset_statistics)
+    policy = build_tiny_policy(seed, use_pro_version, num_images, dataset_statistics, pos_embed_init)
     out = TinyCheckpoints(output_dir=Path(output_dir))
     if "base" in formats:
         out.base_dir = out.output_dir / "base"
@@ -188,6 +242,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--include_vision", action=argparse.BooleanOptionalAction, default=True, help="base: vision_backbone group"
     )
+    parser.add_argument(
+        "--pos_embed_init",
+        choices=POS_EMBED_INITS,
+        default="random",
+        help="ViT position tables: 'random' (~0.01, like every other matrix) or fixed 2-D 'sincos' (O(1))",
+    )
     return parser.parse_args(argv)
 
 
@@ -202,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> TinyCheckpoints:
         num_images=args.num_images,
         dataset_statistics=args.dataset_statistics,
         include_vision=args.include_vision,
+        pos_embed_init=args.pos_embed_init,
     )
     for name in ("base_dir", "base_config_dir", "release_dir", "hf_dir"):
         if getattr(result, name) is not None:
