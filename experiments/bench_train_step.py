@@ -669,9 +669,8 @@ def _instrumented_step(
     t._set_mode(True)
     torch.manual_seed(t.settings.seed * 1_000_003 + step_index * 4099 + t.ctx.rank)
     n = len(micro_batches)
-    sync.zero_grad()
     if craft is not None:
-        craft.begin_step(sync)
+        craft.begin_step()
     mark("zero_grad")
     sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
@@ -683,24 +682,17 @@ def _instrumented_step(
                 ret = craft.retention_loss(out, batch)
             mark("forward")  # retention MSE
             losses["retention_loss"] = ret
-            sync.bind(craft.retention_grad_buffer())
-            (ret / n).backward(retain_graph=True)
-            sync.bind(sync.grad_buffer)
-            if last:
-                sync.reduce_now(craft.retention_grad_buffer())
+            sync.backward(ret / n, into=craft.retention_grad_buffer(), last=last, retain_graph=True)
             mark("backward_ret")
         else:
             mark("forward")
-        if last:
-            sync.begin_last_backward()
-        (losses["loss"] / n).backward()
-        sync.collect()
+        sync.backward(losses["loss"] / n, last=last)
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float() / n
         mark("backward_act")
     names = sorted(sums)
     loss_vec = torch.stack([sums[k] for k in names])
-    sync.sync_grads(loss_vec)
+    sync.reduce(loss_vec)
     metrics = dict(zip(names, loss_vec.unbind()))
     nonfinite = ~torch.isfinite(loss_vec).all()
     retention = metrics.pop("retention_loss", None)

@@ -23,7 +23,7 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         # Trainable but never in the graph; first in the buffer, hence in the last bucket, which launches in
-        # sync_grads (a missing gradient must neither block the other buckets nor desynchronize the ranks).
+        # reduce (a missing gradient must neither block the other buckets nor desynchronize the ranks).
         self.unused = nn.Linear(3, 3)
         self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
         # Last in the buffer (so in the first bucket) but used at the input, so its gradient is final last: like
@@ -59,26 +59,24 @@ def _worker(rank: int, port: int, out: str) -> None:
         model = make_model()
         sync = GradientSynchronizer(params(model), ctx, overlap=True, bucket_numel=50)
         report = {"buckets": len(sync._overlap.bucket_ranges)}
-        # An interrupted step: the last backward launches collectives, then "an exception" skips sync_grads.
-        sync.zero_grad()
-        sync.begin_last_backward()
+        # An interrupted step: the last backward launches collectives, then "an exception" skips reduce (the
+        # trainer then calls discard_step).
         x, y = data(rank, 0)
-        (model(x) - y).square().mean().mul(1e3).backward()
+        sync.backward((model(x) - y).square().mean().mul(1e3), last=True)
+        sync.discard_step()
         for step in range(2):  # twice: step 0 learns the launch order, step 1 uses it
-            sync.zero_grad()
             second = sync.new_buffer()
             for micro in range(MICRO_BATCHES):
                 x, y = data(rank, micro)
                 last = micro == MICRO_BATCHES - 1
                 if last:
                     sync.reduce_now(second.fill_(float(rank + 1)))  # stands for CRaFT's g_ret
-                    sync.begin_last_backward()
-                ((model(x) - y).square().mean() / MICRO_BATCHES).backward()
+                sync.backward((model(x) - y).square().mean() / MICRO_BATCHES, last=last)
             report[f"launched_in_backward_{step}"] = len(sync._overlap.works)
             report[f"launch_log_{step}"] = list(sync._overlap.launch_log)
             report[f"hooks_{step}"] = sync._overlap.hooks_fired
             loss = torch.tensor([float(rank)])
-            sync.sync_grads(loss)
+            sync.reduce(loss)
             report[f"grads_{step}"] = sync.grad_buffer.clone()
             report[f"second_{step}"] = second.clone()
             report[f"loss_{step}"] = loss.clone()
@@ -115,7 +113,7 @@ def test_overlapped_buckets_average_like_one_process(tmp_path: Path) -> None:
         assert report["hooks_after_close"] == 0
         assert [t.tolist() for t in report["all_reduce"]] == [[0.5], [1.0], [1.0]]
         for step in range(2):
-            # before sync_grads: the reduce_now buffer and every bucket except the unused layer's
+            # before reduce: the reduce_now buffer and every bucket except the unused layer's
             assert report[f"launched_in_backward_{step}"] == report["buckets"]
         # step 0 (buffer order): bucket 0 waits for input_scale, the last gradient, and holds the others back;
         # step 1 (learned order): bucket 1 goes out while the backward still has gradients to deliver
@@ -134,18 +132,14 @@ def _one_process_step(sync: GradientSynchronizer, model: nn.Module, second: torc
     """Two micro-batches into grad_buffer, each preceded by a backward into ``second`` (CRaFT's pattern)."""
     seen_during_backward = []
     for buffer in (sync.grad_buffer, second):
-        buffer.fill_(float("nan"))  # stale contents: clearing must remove them, memset or not
-    sync.zero_grad()
-    sync.clear(second)
+        buffer.fill_(float("nan"))  # stale contents: the step's first backward must remove them, memset or not
     for micro in range(MICRO_BATCHES):
         x, y = data(0, micro)
         out = model(x)
-        sync.bind(second)
-        (out.square().mean() / MICRO_BATCHES).backward(retain_graph=True)
-        sync.bind(sync.grad_buffer)
+        sync.backward(out.square().mean() / MICRO_BATCHES, into=second, retain_graph=True)
         seen_during_backward.append(model.body[0].weight.grad)
-        ((out - y).square().mean() / MICRO_BATCHES).backward()
-    sync.sync_grads()
+        sync.backward((out - y).square().mean() / MICRO_BATCHES)
+    sync.reduce()
     return seen_during_backward
 
 

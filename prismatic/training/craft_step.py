@@ -159,8 +159,8 @@ class CraftStep:
             ]
 
     # --- trainer hooks ---
-    def begin_step(self, sync: GradientSynchronizer) -> None:
-        sync.clear(self.g_ret)
+    def begin_step(self) -> None:
+        """Forget an interrupted step's feature sums (g_ret is zeroed by the synchronizer's first backward)."""
         self._step_sums = None
 
     def retention_grad_buffer(self) -> torch.Tensor:

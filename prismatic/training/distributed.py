@@ -17,7 +17,7 @@ all-reduce as soon as it and every bucket before it in the launch order are fina
 continues. The launch order is the buffer's end first (head, LLM, vision) for the first step, then the order in
 which rank 0 saw the buckets complete (broadcast once). Every rank always uses the same order, so ranks issue
 identical collective sequences even if a parameter received no gradient (its bucket then waits for
-:meth:`GradientSynchronizer.sync_grads`).
+:meth:`GradientSynchronizer.reduce`).
 """
 
 from __future__ import annotations
@@ -121,9 +121,19 @@ class GradientSynchronizer:
     """Owns the gradients of a fixed list of fp32 parameters in flat buffers.
 
     A step's gradients end up in one flat fp32 buffer, so the all-reduce is a single collective over one
-    contiguous tensor and the optimizer and CRaFT see each parameter's ``.grad`` as a view into it. CRaFT
-    binds a second buffer for ``g_ret`` (:meth:`bind`) and reduces both buffers in the same call. Call
-    :meth:`zero_grad` instead of ``optimizer.zero_grad()``.
+    contiguous tensor and the optimizer and CRaFT see each parameter's ``.grad`` as a view into it.
+
+    A trainer needs two calls per step (plus :meth:`discard_step` if a step is abandoned by an exception)::
+
+        for i, batch in enumerate(micro_batches):
+            sync.backward(retention_loss, into=g_ret, last=i == n - 1, retain_graph=True)  # CRaFT only
+            sync.backward(action_loss, last=i == n - 1)
+        sync.reduce(loss_vector)        # every buffer + the losses averaged over ranks; .grad ready
+        optimizer.step()
+
+    Buffers are zeroed by the first backward into them in a step, so what :meth:`reduce` left stays readable
+    until the next step begins (the optimizer, CRaFT's gradient transform). The methods below the step surface
+    (``bind``, ``collect``, ``reduce_now``, ...) are its building blocks.
 
     How a backward's gradients reach the bound buffer (same sums, bit for bit):
 
@@ -177,6 +187,53 @@ class GradientSynchronizer:
         self._bound: torch.Tensor | None = None
         self.bind(self.grad_buffer)
         self._queued: list[torch.Tensor] = []  # buffers handed to reduce_now, not yet reduced
+        self._step_buffers: set[int] | None = None  # ids of the buffers the open step wrote; None: no open step
+
+    # --- the step surface ---
+    def backward(
+        self, loss: torch.Tensor, into: torch.Tensor | None = None, *, last: bool = False, retain_graph: bool = False
+    ) -> None:
+        """Back-propagate ``loss`` and add its gradients to ``into`` (default: the gradient buffer).
+
+        The first backward after :meth:`reduce` (or :meth:`discard_step`) opens a new step; the first backward
+        into a buffer within a step overwrites it instead of adding. ``last=True`` marks the step's last
+        backward into that buffer: with overlap the gradient buffer's buckets are reduced while this backward
+        runs and another buffer's reduction is launched right after it; without overlap everything is reduced
+        in :meth:`reduce`.
+        """
+        buffer = self.grad_buffer if into is None else into
+        self._open_step(buffer)
+        self.bind(buffer)
+        if last and buffer is self.grad_buffer:
+            self.begin_last_backward()
+        loss.backward(retain_graph=retain_graph)
+        self.collect()  # into the buffer now: with CUDA graphs the next replay reuses the gradients' memory
+        if last and buffer is not self.grad_buffer:
+            self.reduce_now(buffer)
+
+    def reduce(self, *extra: torch.Tensor) -> None:
+        """Close the step: average the gradient buffer, the other buffers of ``backward(..., last=True)`` and
+        ``extra`` (e.g. a loss vector) over ranks, in place; ``.grad`` are then views of the gradient buffer."""
+        self._open_step(self.grad_buffer)  # a step without any backward into it reduces zeros, not stale values
+        self.bind(self.grad_buffer)
+        self.sync_grads(*extra)
+        self._step_buffers = None
+
+    def discard_step(self) -> None:
+        """Abandon an open step (an exception between its backwards and :meth:`reduce`): its pending
+        collectives are awaited and dropped, and the next backward starts from zeroed buffers."""
+        if self._overlap is not None:
+            self._overlap.reset()
+        self._queued = []
+        self._step_buffers = None
+
+    def _open_step(self, buffer: torch.Tensor) -> None:
+        if self._step_buffers is None:
+            self.discard_step()  # nothing of an earlier, unfinished step may leak into this one
+            self._step_buffers = set()
+        if id(buffer) not in self._step_buffers:
+            self.clear(buffer)
+            self._step_buffers.add(id(buffer))
 
     def new_buffer(self) -> torch.Tensor:
         """A zeroed flat fp32 buffer with one slot per registered parameter element."""

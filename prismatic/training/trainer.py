@@ -63,7 +63,7 @@ class CraftHooks(Protocol):
 
     def retention_loss(self, outputs: Any, batch: dict) -> torch.Tensor: ...
 
-    def begin_step(self, sync: GradientSynchronizer) -> None: ...
+    def begin_step(self) -> None: ...
 
     def retention_grad_buffer(self) -> torch.Tensor: ...
 
@@ -203,15 +203,18 @@ class Trainer:
         at step k replays exactly what an uninterrupted run does, without saving RNG states.
         """
         with self._adapters():
-            return self._step(micro_batches, step_index)
+            try:
+                return self._step(micro_batches, step_index)
+            except BaseException:
+                self.sync.discard_step()  # a caller that goes on must not inherit half a step's gradients
+                raise
 
     def _step(self, micro_batches: Sequence[dict], step_index: int) -> dict[str, torch.Tensor]:
         self._set_mode(True)
         torch.manual_seed(self.settings.seed * 1_000_003 + step_index * 4099 + self.ctx.rank)
         n = len(micro_batches)
-        self.sync.zero_grad()
         if self.craft is not None:
-            self.craft.begin_step(self.sync)
+            self.craft.begin_step()
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro_batches):
             last = i == n - 1
@@ -221,21 +224,15 @@ class Trainer:
                 with self._autocast():
                     ret = self.craft.retention_loss(out, batch)
                 losses["retention_loss"] = ret
-                # g_ret accumulates in its own buffer; retain the graph for the action loss' backward.
-                self.sync.bind(self.craft.retention_grad_buffer())
-                (ret / n).backward(retain_graph=True)
-                self.sync.bind(self.sync.grad_buffer)
-                if last:
-                    self.sync.reduce_now(self.craft.retention_grad_buffer())
-            if last:
-                self.sync.begin_last_backward()
-            (losses["loss"] / n).backward()
-            self.sync.collect()  # gradients into the buffer before the next micro-batch reuses graph memory
+                # g_ret in its own buffer; the graph is kept for the action loss' backward.
+                g_ret = self.craft.retention_grad_buffer()
+                self.sync.backward(ret / n, into=g_ret, last=last, retain_graph=True)
+            self.sync.backward(losses["loss"] / n, last=last)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / n
         names = sorted(sums)
         loss_vec = torch.stack([sums[k] for k in names])
-        self.sync.sync_grads(loss_vec)  # grads (+ g_ret) + losses, averaged over ranks
+        self.sync.reduce(loss_vec)  # grads (+ g_ret) + losses, averaged over ranks
         metrics = dict(zip(names, loss_vec.unbind()))
         nonfinite = ~torch.isfinite(loss_vec).all()  # rank-averaged: every rank decides alike
         retention = metrics.pop("retention_loss", None)
