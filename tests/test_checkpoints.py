@@ -212,6 +212,18 @@ def test_sincos_position_tables_match_a_float64_reference_and_change_nothing_els
         tool.build_tiny_policy(seed=SEED, pos_embed_init="learned")
 
 
+def test_width_flags_reach_the_llm_the_vits_and_the_head():
+    policy = tool.build_tiny_policy(seed=SEED, llm_hidden_size=32, vit_embed_dims=(16, 24))
+    vla = policy.vla
+    assert vla.config.text_config.hidden_size == 32
+    assert vla.config.text_config.intermediate_size == 64
+    assert [vit.embed_dim for vit in vla.vision_backbone.vits] == [16, 24]
+    block = policy.action_head.model.mlp_resnet_blocks[0]
+    assert tuple(block.q_proj.weight.shape) == (32, 32)
+    assert tuple(block.k_task.weight.shape) == (32, 32)
+    assert policy.proprio_projector.fc2.out_features == 32
+
+
 def test_tool_writes_every_format(tiny):
     names = {p.name for p in tiny.release_dir.iterdir()}
     assert {

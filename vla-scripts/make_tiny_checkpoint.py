@@ -155,8 +155,14 @@ def build_tiny_policy(
     num_images: int = 2,
     dataset_statistics: dict[str, Any] | None = None,
     pos_embed_init: str = "random",
+    llm_hidden_size: int = 64,
+    vit_embed_dims: tuple[int, int] = (32, 48),
 ) -> TinyPolicy:
     """The tiny VLA + head + proprio projector, all parameters drawn from ``seed``.
+
+    ``llm_hidden_size`` (MLP width 2x) and ``vit_embed_dims`` (DINOv2, SigLIP) widen the tiny config; the
+    action head's 8 heads then get ``llm_hidden_size / 8`` dims each, of which RoPE over 512 task tokens
+    leaves only the slowest pairs position-independent (2 of 8 dims at the default 64).
 
     ``pos_embed_init="sincos"`` then replaces the ViT position tables with fixed 2-D sine-cosine ones
     (:func:`set_sincos_position_embeddings`); every other parameter is the same as with "random".
@@ -166,7 +172,12 @@ def build_tiny_policy(
     generator = torch.Generator().manual_seed(seed)
     stats = dataset_statistics or {TINY_DATASET_NAME: synthetic_dataset_statistics(generator)}
     config_stats = {CONFIG_DATASET_NAME: synthetic_dataset_statistics(generator)}
-    config = tiny_openvla_config(norm_stats=config_stats)
+    config = tiny_openvla_config(
+        norm_stats=config_stats,
+        hidden_size=llm_hidden_size,
+        intermediate_size=2 * llm_hidden_size,
+        vit_embed_dims=tuple(vit_embed_dims),
+    )
     config.num_images_in_input = num_images  # read back by load_vla_release (head task tokens)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # module constructors draw from the global RNG; keep it seeded and restored
@@ -207,6 +218,8 @@ def make_tiny_checkpoints(
     dataset_statistics: str | Path | dict[str, Any] | None = None,
     include_vision: bool = True,
     pos_embed_init: str = "random",
+    llm_hidden_size: int = 64,
+    vit_embed_dims: tuple[int, int] = (32, 48),
 ) -> TinyCheckpoints:
     """Write the requested formats ("base", "release", "hf") of one tiny random policy under ``output_dir``."""
     unknown = sorted(set(formats) - set(FORMATS))
@@ -214,7 +227,9 @@ def make_tiny_checkpoints(
         raise ValueError(f"Unknown formats {unknown}; choose from {FORMATS}")
     if isinstance(dataset_statistics, (str, Path)):
         dataset_statistics = json.loads(Path(dataset_statistics).read_text())
-    policy = build_tiny_policy(seed, use_pro_version, num_images, dataset_statistics, pos_embed_init)
+    policy = build_tiny_policy(
+        seed, use_pro_version, num_images, dataset_statistics, pos_embed_init, llm_hidden_size, vit_embed_dims
+    )
     out = TinyCheckpoints(output_dir=Path(output_dir))
     if "base" in formats:
         out.base_dir = out.output_dir / "base"
@@ -248,6 +263,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="random",
         help="ViT position tables: 'random' (~0.01, like every other matrix) or fixed 2-D 'sincos' (O(1))",
     )
+    parser.add_argument("--llm_hidden_size", type=int, default=64, help="LLM width (MLP 2x); the head follows it")
+    parser.add_argument(
+        "--vit_embed_dims", type=int, nargs=2, default=(32, 48), help="DINOv2 and SigLIP widths (2 and 4 heads)"
+    )
     return parser.parse_args(argv)
 
 
@@ -263,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> TinyCheckpoints:
         dataset_statistics=args.dataset_statistics,
         include_vision=args.include_vision,
         pos_embed_init=args.pos_embed_init,
+        llm_hidden_size=args.llm_hidden_size,
+        vit_embed_dims=tuple(args.vit_embed_dims),
     )
     for name in ("base_dir", "base_config_dir", "release_dir", "hf_dir"):
         if getattr(result, name) is not None:
