@@ -5,12 +5,13 @@
 #
 #   bash experiments/synthetic_closed_loop.sh            # OUT=closed_loop_out STEPS=6000 EPISODES=2000 TRIALS=5
 #
-# Result (craft_progress.md, phase 5): NOT yet a learning success: 0/24 for every checkpoint tried (CPU 1000 and
-# 2000 steps x batch 16; GPU 25-50k samples). On 960 held-out frames the trained policies predict x/y no better
-# than a constant (0.170 vs 0.171 L1) and z far worse than an image-blind MLP on proprio (0.229 vs 0.039): they
-# are still on the loss plateau; only the gripper and the colour-dependent rotation are learned. Success needs
-# the target to within ~0.1-0.15 workspace units (about one 14-px patch). One structural suspect: the tiny random
-# checkpoint's ViT position embeddings start at ~0.01 (scaled like a weight matrix) against O(1) content.
+# Result (craft_progress.md, phase 5): NOT yet a learning success. Every checkpoint tried (CPU 16-32k samples;
+# GPU up to 192k samples per run, random or sin-cos ViT position tables, lr 3e-4..3e-3, 1 or 2 images, even
+# scenes without the distractor) predicts x/y like a constant, and its x/y prediction does not move when the
+# target block moves, while z, gripper and rotation are learned. The frozen features do hold the target's
+# position (attention probes given the colour: R^2 0.8-0.95), but a fresh action head trained on them alone
+# does not learn to read it within 3,000 steps either: the open question is the head, not the data.
+# Success needs the target to within ~0.1-0.15 workspace units (about one 14-px patch).
 # GPU training variant (the torch-only synthetic source, several configurations at once):
 # experiments/synthetic_closed_loop_gpu.sh.
 set -euo pipefail

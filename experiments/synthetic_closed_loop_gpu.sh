@@ -24,7 +24,10 @@
 # copied several times on their way to the GPU. Startup: ~5 ms per rendered frame per worker (2,000 episodes of
 # 20-40 steps + 250 held-out episodes ~ 67k frames) and ~9 GB of host memory per 1,000 episodes per run
 # (2 x 150 KB per frame, computed; plus the prefetched batches).
-# Result so far: NOT a learning success (see craft_progress.md); the budgets tried were <= 51k samples on the GPU.
+# On one H100 (2026-12-05, 16 host cores, 2 images, eager): 4 runs at once gave ~12 steps/s each at batch 64
+# (~770 samples/s each, GPU 80-95% busy) and ~16.5 steps/s each at batch 32; rendering 1,000-1,500 episodes per
+# run took 120-150 s before the first step.
+# Result so far: NOT a learning success (see craft_progress.md): up to 192k samples per run, x/y never learned.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-closed_loop_gpu_out}"; EPISODES="${EPISODES:-2000}"; RUNS="${RUNS:-a:1e-3:64:20000}"
