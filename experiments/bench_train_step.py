@@ -86,6 +86,7 @@ from prismatic.training.distributed import (
 from prismatic.training.fused_lora import adapter_cache
 from prismatic.training.lr_schedule import build_scheduler
 from prismatic.training.model_setup import StartPoint, build_policy
+from prismatic.training.preparation import SpeedOptions, prepare_policy
 from prismatic.training.trainer import PolicyModules, StepSettings, Trainer, move_batch, optimizer_step_unless
 from prismatic.vla.constants import LIBERO, NUM_PATCHES_PER_IMAGE, NUM_TOKENS, PlatformConstants
 from prismatic.vla.datasets.torch_source import random_batch
@@ -420,7 +421,7 @@ def _build_policy_on(
 ) -> PolicyModules:
     with torch.device(device):
         vla = OpenVLAForActionPrediction(config)
-        return build_policy(
+        modules = build_policy(
             StartPoint(vla, None, None, "random"),
             platform=LIBERO,
             num_images=num_images,
@@ -430,8 +431,8 @@ def _build_policy_on(
             use_pro_version=True,
             use_proprio=True,
             noise_std=0.0,
-            fused_lora=fused_lora,
         )
+    return prepare_policy(modules, SpeedOptions(fused_lora=fused_lora))  # frozen dtype and compile: main()
 
 
 def build_benchmark_policy(
@@ -656,7 +657,7 @@ def instrumented_step(
     Returns (metrics, milliseconds per phase). Each interval between two marks is charged to the phase named
     by the later mark. Keep in sync with ``Trainer.step`` (the test compares the two updates bit for bit).
     """
-    with trainer._adapters():
+    with trainer._prepared():
         return _instrumented_step(trainer, micro_batches, step_index, clock)
 
 

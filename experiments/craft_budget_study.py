@@ -33,6 +33,7 @@ from prismatic.training.craft_utils import CRaFTConfig, CRaFTFeatureExtractor
 from prismatic.training.distributed import DistributedContext, GradientSynchronizer
 from prismatic.training.lr_schedule import build_scheduler
 from prismatic.training.model_setup import StartPoint, build_policy
+from prismatic.training.preparation import prepare_policy
 from prismatic.training.trainer import PolicyModules, StepSettings, Trainer
 from prismatic.vla.constants import LIBERO, NUM_PATCHES_PER_IMAGE
 from prismatic.vla.datasets.torch_source import SyntheticTorchSource, iterate_global_batches
@@ -63,7 +64,7 @@ class StudyConfig:
 def make_policy(base: OpenVLAForActionPrediction, cfg: StudyConfig) -> PolicyModules:
     """LoRA policy from a copy of ``base``; the seed makes LoRA A, the head and the projector identical per run."""
     torch.manual_seed(cfg.seed + 1)
-    return build_policy(
+    modules = build_policy(
         StartPoint(copy.deepcopy(base), None, None, "hf"),
         platform=LIBERO,
         num_images=NUM_IMAGES,
@@ -74,6 +75,7 @@ def make_policy(base: OpenVLAForActionPrediction, cfg: StudyConfig) -> PolicyMod
         use_proprio=True,
         noise_std=0.0,
     )
+    return prepare_policy(modules)  # finetune.py's CPU preparation: mask-free attention, fused LoRA
 
 
 def make_trainer(modules: PolicyModules, cfg: StudyConfig, craft_cfg: CRaFTConfig | None) -> Trainer:

@@ -32,6 +32,7 @@ from prismatic.training.craft_utils import CRaFTConfig, CRaFTFeatureExtractor
 from prismatic.training.distributed import DistributedContext, GradientSynchronizer
 from prismatic.training.lr_schedule import build_scheduler
 from prismatic.training.model_setup import StartPoint, build_policy
+from prismatic.training.preparation import prepare_policy
 from prismatic.training.trainer import PolicyModules, StepSettings, Trainer
 from prismatic.vla.constants import ACTION_TOKEN_BEGIN_IDX, LIBERO, NUM_PATCHES_PER_IMAGE
 from prismatic.vla.datasets.torch_source import random_batch
@@ -97,6 +98,7 @@ def make_policy(base: OpenVLAForActionPrediction, lora_b_scale: float) -> Policy
         use_proprio=True,
         noise_std=0.0,
     )
+    prepare_policy(modules)  # finetune.py's CPU preparation: mask-free attention, fused LoRA
     if lora_b_scale:
         perturb_lora_b(modules.vla, lora_b_scale)  # LoRA only: the adapters-off anchor stays the start model
     return modules

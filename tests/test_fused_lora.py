@@ -37,7 +37,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_tiny_vla_forward_and_grads_match_peft_in_float64(tiny_model):
     """Every wrapped linear of the tiny VLA (ViTs, projector, Qwen) fused vs PEFT's forward: hidden states,
     CRaFT features and every trainable gradient agree to float64 round-off (1e-10 relative)."""
-    reference = apply_lora(copy.deepcopy(tiny_model).double(), rank=4, dropout=0.0, fused=False)
+    reference = apply_lora(copy.deepcopy(tiny_model).double(), rank=4, dropout=0.0)
     randomize_lora_b(reference, seed=3)
     fused = copy.deepcopy(reference)
     converted = fuse_lora_layers(fused)

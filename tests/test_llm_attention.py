@@ -92,27 +92,27 @@ def test_check_right_padded() -> None:
 
 
 def test_policy_trains_with_mask_free_attention_and_refuses_left_padding(tiny_config, tmp_path) -> None:
-    """build_policy switches the LLM to the mask-free attention; the Trainer's batches keep their exact
+    """prepare_policy switches the LLM to the mask-free attention; the Trainer's batches keep their exact
     outputs at real positions (float64 vs the masked model), a left-padded CPU batch is refused, and saved
     configs do not carry the training-only attention (released checkpoints load anywhere)."""
     from prismatic.extern.hf.modeling_prismatic import OpenVLAForActionPrediction
     from prismatic.training.model_setup import StartPoint, build_policy
+    from prismatic.training.preparation import SpeedOptions, prepare_policy
     from prismatic.vla.constants import LIBERO
 
     torch.manual_seed(0)
     vla = OpenVLAForActionPrediction(copy.deepcopy(tiny_config)).double()  # the session's config stays as it is
     reference = copy.deepcopy(vla).eval()
-    modules = build_policy(
+    modules = prepare_policy(build_policy(
         StartPoint(vla, None, None, "random"), platform=LIBERO, num_images=2, use_lora=False, lora_rank=4,
         lora_dropout=0.0, use_pro_version=True, use_proprio=False, noise_std=0.0,
-    )  # fmt: skip
+    ))  # fmt: skip
     assert vla.language_model.config._attn_implementation == RIGHT_PADDED_CAUSAL
     assert reference.language_model.config._attn_implementation != RIGHT_PADDED_CAUSAL
-    again = build_policy(
+    again = prepare_policy(build_policy(
         StartPoint(OpenVLAForActionPrediction(vla.config), None, None, "random"), platform=LIBERO, num_images=2,
         use_lora=False, lora_rank=4, lora_dropout=0.0, use_pro_version=True, use_proprio=False, noise_std=0.0,
-        right_padded_attention=False,
-    )  # fmt: skip
+    ), SpeedOptions(right_padded_attention=False))  # fmt: skip
     assert again.vla.language_model.config._attn_implementation == "sdpa"  # the shared config is switched back
     use_right_padded_causal_attention(vla.language_model)
     vla.config.save_pretrained(tmp_path)
@@ -142,7 +142,7 @@ def test_policy_trains_with_mask_free_attention_and_refuses_left_padding(tiny_co
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     settings = StepSettings(num_task_tokens=num_patches, use_proprio=False, autocast_dtype=None)
     trainer = Trainer(modules, optimizer, scheduler, sync, cpu, settings)
-    assert trainer.needs_right_padding
+    assert modules.batch_check is not None
     left = {k: (v.flip(1) if k in ("input_ids", "attention_mask", "labels") else v) for k, v in batch.items()}
     with pytest.raises(ValueError, match="not right-padded"):
         trainer.evaluate([left])

@@ -11,6 +11,7 @@ from prismatic.extern.hf.modeling_prismatic import OpenVLAForActionPrediction
 from prismatic.training.craft_step import OnlineAnchor
 from prismatic.training.craft_utils import CRaFTFeatureExtractor
 from prismatic.training.model_setup import StartPoint, build_policy
+from prismatic.training.preparation import prepare_policy
 from prismatic.vla.constants import LIBERO
 from prismatic.vla.datasets.torch_source import random_batch
 
@@ -30,6 +31,7 @@ def _policy() -> tuple[OpenVLAForActionPrediction, object]:
         use_proprio=True,
         noise_std=0.0,
     )
+    prepare_policy(modules)  # finetune.py's CPU preparation: mask-free attention, fused LoRA
     return start_copy, modules
 
 

@@ -18,7 +18,6 @@ import draccus
 import torch
 
 from prismatic.training.checkpointing import CheckpointManager
-from prismatic.training.compilation import compile_policy
 from prismatic.training.craft_cache import CachedAnchor
 from prismatic.training.craft_step import CraftStep, OnlineAnchor
 from prismatic.training.craft_utils import CRaFTFeatureExtractor
@@ -34,7 +33,8 @@ from prismatic.training.distributed import (
 from prismatic.training.finetune_config import FinetuneConfig
 from prismatic.training.lr_schedule import build_scheduler, retarget_scheduler
 from prismatic.training.metrics import MetricsLogger, StepClock
-from prismatic.training.model_setup import build_policy, cast_frozen_parameters, load_start_point
+from prismatic.training.model_setup import build_policy, load_start_point
+from prismatic.training.preparation import SpeedOptions, prepare_policy
 from prismatic.training.run_dir import RunDirRefused, prepare_run_dir
 from prismatic.training.trainer import PolicyModules, StepSettings, Trainer
 from prismatic.vla.constants import LIBERO, NUM_PATCHES_PER_IMAGE
@@ -101,7 +101,6 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
         use_pro_version=cfg.use_pro_version,
         use_proprio=cfg.use_proprio,
         noise_std=cfg.action_head_noise_std,
-        fused_lora=cfg.fused_lora,
     )
     for m in (modules.vla, modules.action_head, modules.proprio_projector):
         if m is not None:
@@ -116,10 +115,13 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
     optimizer = torch.optim.AdamW(sync.params, lr=cfg.learning_rate, fused=cuda, foreach=None if cuda else True)
     scheduler = build_scheduler(optimizer, cfg.lr_warmup_steps, cfg.num_steps_before_decay)
     craft = build_craft(cfg, modules, sync, data) if cfg.use_craft else None  # fingerprints the fp32 start model
-    if cuda:
-        cast_frozen_parameters(modules, torch.bfloat16)
-    if cfg.compile:
-        compile_policy(modules, mode=cfg.compile_mode)
+    speed = SpeedOptions(
+        fused_lora=cfg.fused_lora,
+        frozen_dtype=torch.bfloat16 if cuda else None,
+        compile=cfg.compile,
+        compile_mode=cfg.compile_mode,
+    )
+    prepare_policy(modules, speed)  # how the policy computes, never what (prismatic/training/preparation.py)
     settings = StepSettings(
         num_task_tokens=NUM_PATCHES_PER_IMAGE * cfg.num_images_in_input,
         use_proprio=cfg.use_proprio,

@@ -28,9 +28,7 @@ from prismatic.models.checkpoints import (
     load_vla_release,
     peft_without_transformers_deprecation,
 )
-from prismatic.models.llm_attention import RIGHT_PADDED_CAUSAL, restore_attention, use_right_padded_causal_attention
 from prismatic.models.projectors import ProprioProjector
-from prismatic.training.fused_lora import fuse_lora_layers
 from prismatic.training.trainer import PolicyModules
 from prismatic.vla.constants import NUM_PATCHES_PER_IMAGE, PlatformConstants
 
@@ -87,11 +85,10 @@ def load_start_point(vlm_path: str, use_minivlm: bool, config_file_path: str = "
     )
 
 
-def apply_lora(vla: nn.Module, rank: int, dropout: float, fused: bool = True) -> PeftModel:
+def apply_lora(vla: nn.Module, rank: int, dropout: float) -> PeftModel:
     """Wrap the VLA with LoRA as upstream does (r, alpha = 2r, gaussian init); ``action_queries`` trains too.
 
-    ``fused``: compute the linear adapters with :mod:`prismatic.training.fused_lora` (same function and state
-    dict, fewer memory passes); False keeps PEFT's own forward.
+    PEFT's own layers; ``prismatic.training.preparation.prepare_policy`` may switch them to fused ones.
     """
     config = LoraConfig(
         r=rank,
@@ -109,8 +106,6 @@ def apply_lora(vla: nn.Module, rank: int, dropout: float, fused: bool = True) ->
     for module in peft_vla.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
             module.cast_input_dtype_enabled = False
-    if fused:
-        fuse_lora_layers(peft_vla)
     return peft_vla
 
 
@@ -141,24 +136,16 @@ def build_policy(
     use_pro_version: bool,
     use_proprio: bool,
     noise_std: float,
-    fused_lora: bool = True,
-    right_padded_attention: bool = True,
 ) -> PolicyModules:
     """Wrap the start point into trainable modules (fp32 parameters; compute dtype comes from autocast).
 
-    ``right_padded_attention``: the LLM attends causally without a padding mask, which is exact for the
-    right-padded batches training uses and ~2x faster attention (``prismatic/models/llm_attention.py``). This
-    sets the attention implementation on the model's text config, an object the caller's config shares.
+    Nothing here is about speed: ``prismatic.training.preparation.prepare_policy`` does that afterwards.
     """
     vla = start.vla
     config = vla.config
-    if right_padded_attention:
-        use_right_padded_causal_attention(vla.language_model)
-    elif vla.language_model.config._attn_implementation == RIGHT_PADDED_CAUSAL:
-        restore_attention(vla.language_model, "sdpa")
     llm_dim = config.text_config.hidden_size
     if use_lora:
-        model: nn.Module = apply_lora(vla, lora_rank, lora_dropout, fused=fused_lora)
+        model: nn.Module = apply_lora(vla, lora_rank, lora_dropout)
     else:
         model = vla
         model.requires_grad_(True)
@@ -190,17 +177,3 @@ def build_policy(
         if name in unused:
             p.requires_grad_(False)
     return PolicyModules(vla=model, action_head=head, proprio_projector=proprio)
-
-
-def cast_frozen_parameters(modules: PolicyModules, dtype: torch.dtype) -> int:
-    """Store every frozen parameter in ``dtype`` (bf16 on GPUs: half the memory and bandwidth of the base
-    weights; autocast computes in bf16 anyway). Trainable parameters stay fp32. Returns how many were cast."""
-    count = 0
-    for m in (modules.vla, modules.action_head, modules.proprio_projector):
-        if m is None:
-            continue
-        for p in m.parameters():
-            if not p.requires_grad and p.dtype != dtype and p.is_floating_point():
-                p.data = p.data.to(dtype)
-                count += 1
-    return count

@@ -15,7 +15,7 @@ optimizers skip the update on the device, so nothing waits for the host before `
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,19 +23,22 @@ import torch
 from torch import nn
 
 from prismatic.extern.hf.modeling_prismatic import action_head_inputs
-from prismatic.models.checkpoints import base_model
-from prismatic.models.llm_attention import RIGHT_PADDED_CAUSAL, check_right_padded
 from prismatic.training.distributed import DistributedContext, GradientSynchronizer
-from prismatic.training.fused_lora import adapter_cache
 
 
 @dataclass
 class PolicyModules:
-    """The trainable pieces of a VLA-Adapter policy. ``vla`` may be a PEFT model."""
+    """The trainable pieces of a VLA-Adapter policy. ``vla`` may be a PEFT model.
+
+    ``batch_check`` and ``step_context`` are set by ``prismatic.training.preparation.prepare_policy`` (None:
+    nothing to do): a check of each host batch, and a context entered once per training step (compute dtype).
+    """
 
     vla: nn.Module
     action_head: nn.Module
     proprio_projector: nn.Module | None
+    batch_check: Callable[[dict], None] | None = None
+    step_context: Callable[[torch.dtype | None], contextlib.AbstractContextManager] | None = None
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters inside the VLA: the ones CRaFT's retention loss can reach."""
@@ -136,11 +139,6 @@ class Trainer:
         self.settings = settings
         self.craft = craft
         self._training_mode: bool | None = None
-        self.adapter_cache = adapter_cache(modules.vla)  # compute-dtype adapter copies of fused LoRA layers
-        vla = base_model(modules.vla)
-        llm = getattr(vla, "language_model", None)
-        # Mask-free causal attention is exact only for right-padded rows: check batches still on the CPU.
-        self.needs_right_padding = llm is not None and llm.config._attn_implementation == RIGHT_PADDED_CAUSAL
 
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the final gradients, clipped to ``max_grad_norm`` if set. Without clipping it is
@@ -150,14 +148,15 @@ class Trainer:
             return torch.nn.utils.clip_grad_norm_(self.sync.params, self.settings.max_grad_norm)
         return torch.linalg.vector_norm(self.sync.grad_buffer)
 
-    def _adapters(self) -> contextlib.AbstractContextManager:
-        if self.adapter_cache is None:
+    def _prepared(self) -> contextlib.AbstractContextManager:
+        """The preparation step's per-step context (e.g. fused LoRA's compute-dtype adapter copies)."""
+        if self.modules.step_context is None:
             return contextlib.nullcontext()
-        return self.adapter_cache.active(self.settings.autocast_dtype)
+        return self.modules.step_context(self.settings.autocast_dtype)
 
     def _to_device(self, batch: dict) -> dict:
-        if self.needs_right_padding and batch["attention_mask"].device.type == "cpu":
-            check_right_padded(batch["attention_mask"])  # on the host for free; on a GPU it would stall the step
+        if self.modules.batch_check is not None:
+            self.modules.batch_check(batch)
         return move_batch(batch, self.ctx.device)
 
     def _set_mode(self, training: bool) -> None:
@@ -202,7 +201,7 @@ class Trainer:
         ``step_index`` (0-based) seeds this step's randomness (head noise, dropout) per rank, so resuming
         at step k replays exactly what an uninterrupted run does, without saving RNG states.
         """
-        with self._adapters():
+        with self._prepared():
             try:
                 return self._step(micro_batches, step_index)
             except BaseException:
@@ -259,7 +258,7 @@ class Trainer:
         self._set_mode(False)
         sums: dict[str, torch.Tensor] = {}
         ret_sum = ret_count = torch.zeros((), device=self.ctx.device)
-        with self._adapters():
+        with self._prepared():
             for batch in batches:
                 batch = self._to_device(batch)
                 losses, out = self.forward(batch)
