@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config
 
 from prismatic.vla.constants import BASE_VOCAB_SIZE, PAD_TOKEN_ID
 
@@ -62,7 +62,11 @@ def load_qwen_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBa
     """
     root = Path(path) if path is not None else BUNDLED_TOKENIZER_DIR
     tokenizer_files(root)  # clear error naming missing files instead of a hub lookup
-    tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True, padding_side="right")
+    # config: a checkpoint dir's config.json is an OpenVLA one, unknown to AutoConfig; without it transformers
+    # falls back to a bare config and warns "model of type `openvla` ... model of type ``" on every load.
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(root), config=Qwen2Config(), local_files_only=True, padding_side="right"
+    )
     _check_tokenizer(tokenizer, root)
     return tokenizer
 
