@@ -34,7 +34,14 @@ CRAFT_FLAGS = {
     "craft_dual_lr": 50.0,
     "craft_lambda_max": 5.0,
 }
-LOSS_KEYS = ["loss", "l1_current", "l1_next", "craft/retention_loss", "craft/lambda", "craft/lambda_next"]
+LOSS_KEYS = [
+    "train/loss",
+    "train/l1_current",
+    "train/l1_next",
+    "craft/retention_loss",
+    "craft/lambda",
+    "craft/lambda_next",
+]
 GRAD_KEYS = ["craft/g_act_norm", "craft/g_ret_norm", "craft/projected_norm", "craft/energy_kept"]
 SMALL_KEYS = ["craft/dot", "craft/cosine", "craft/conflict", "craft/projection_fired"]
 
@@ -88,7 +95,7 @@ def test_overlapped_grad_sync_is_bit_identical(tiny_base: Path, tmp_path: Path) 
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    strip = lambda r: {k: v for k, v in r.items() if k != "samples_per_s"}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("perf/")}  # noqa: E731
     assert [strip(r) for r in metrics(joined / "run")] == [strip(r) for r in metrics(overlapped / "run")]
 
 
@@ -113,7 +120,7 @@ def test_craft_resume_is_exact(tiny_base: Path, tmp_path: Path) -> None:
     state_a = torch.load(straight / "run" / "run--4_chkpt" / "training_state" / "state.pt", weights_only=False)
     state_b = torch.load(split / "run" / "run--4_chkpt" / "training_state" / "state.pt", weights_only=False)
     assert state_a["craft"] == state_b["craft"]  # lambda and the dual step count restored exactly
-    strip = lambda r: {k: v for k, v in r.items() if k != "samples_per_s"}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("perf/")}  # noqa: E731
     assert [strip(r) for r in metrics(straight / "run")] == [strip(r) for r in metrics(split / "run")]
 
 

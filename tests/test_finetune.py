@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from prismatic.training.lr_schedule import lr_multiplier
 
-LOSS_KEYS = ["loss", "l1_current", "l1_next"]
+LOSS_KEYS = ["train/loss", "train/l1_current", "train/l1_next"]
 PARAM_ATOL = 1e-4
 LOSS_RTOL = 1e-5
 
@@ -48,7 +48,7 @@ def reference_run(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_lr_schedule_is_the_applied_one(reference_run: Path) -> None:
     rows = metrics(reference_run)
-    lrs = [r["lr"] for r in rows]
+    lrs = [r["train/lr"] for r in rows]
     expected = [2e-3 * lr_multiplier(s, warmup_steps=2, num_steps_before_decay=2) for s in range(3)]
     np.testing.assert_allclose(lrs, expected, rtol=1e-12)
     assert expected == pytest.approx([1e-3, 2e-3, 2e-4])  # warm-up, full rate, decayed: the decay happens
@@ -100,8 +100,8 @@ def test_resume_is_exact(tiny_base: Path, tmp_path: Path) -> None:
     rows_a, rows_b = metrics(straight / "run"), metrics(split / "run")
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(rows_a, rows_b):
-        assert {k: v for k, v in ra.items() if k != "samples_per_s"} == {
-            k: v for k, v in rb.items() if k != "samples_per_s"
+        assert {k: v for k, v in ra.items() if not k.startswith("perf/")} == {
+            k: v for k, v in rb.items() if not k.startswith("perf/")
         }
 
 
@@ -186,7 +186,7 @@ def test_loss_falls_on_synthetic_rlds(tiny_base: Path, tmp_path: Path) -> None:
         ),
         timeout=900,
     )
-    losses = [r["loss"] for r in metrics(tmp_path / "run")]
+    losses = [r["train/loss"] for r in metrics(tmp_path / "run")]
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < 0.5 * first, f"loss did not fall clearly: first10={first:.4f} last10={last:.4f}"
     assert last < 0.25, f"loss {last:.4f} is not below the best constant predictor's (~0.29)"
@@ -344,7 +344,36 @@ def test_throughput_has_no_outliers_around_saves_validation_and_the_end(tiny_bas
     run_finetune(args)
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, 10))
-    rates = np.array([r["samples_per_s"] for r in rows[1:]])
+    rates = np.array([r["perf/samples_per_s"] for r in rows[1:]])
     median = float(np.median(rates))
     assert np.all(rates < 3 * median), rates
     assert np.all(rates > median / 3), rates
+    # namespaced keys; perf/ values consistent with each other (global batch 2 = samples/s x step seconds)
+    for row in rows:
+        assert all(k == "step" or k.split("/")[0] in ("train", "perf", "craft", "val") for k in row), row
+        assert row["perf/samples_per_s"] * row["perf/step_s"] == pytest.approx(2.0, rel=1e-9)
+        assert 0.0 <= row["perf/data_wait_frac"] <= 1.0
+    assert "perf/peak_gib" not in rows[0]  # CUDA only
+
+
+def test_plot_tool_reads_namespaced_and_older_bare_keys(tmp_path: Path) -> None:
+    """plot_metrics.py draws the loss, LR and samples/s panels from a run with today's keys and from one written
+    before keys were namespaced ("loss", "lr", "samples_per_s")."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "plot_metrics", Path(__file__).parents[1] / "vla-scripts/plot_metrics.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    new, old = tmp_path / "new", tmp_path / "old"
+    for run, keys in ((new, ("train/loss", "train/lr", "perf/samples_per_s")), (old, ("loss", "lr", "samples_per_s"))):
+        run.mkdir()
+        rows = [{"step": s, keys[0]: 1.0 / s, keys[1]: 1e-4, keys[2]: 10.0 + s} for s in range(1, 5)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for run in (new, old):
+        rows = [tool.namespaced(r) | {"step": r["step"]} for r in tool.read_metrics(run / "metrics.jsonl")]
+        assert tool._series(rows, "perf/samples_per_s") == ([1, 2, 3, 4], [11.0, 12.0, 13.0, 14.0])
+        assert tool._series(rows, "train/loss")[1] == [1.0, 0.5, 1 / 3, 0.25]
+    out = tool.plot_runs([new, old], tmp_path / "curves.png")
+    assert out.stat().st_size > 1000

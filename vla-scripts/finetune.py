@@ -194,13 +194,20 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
                 f"non-finite loss or gradient at step {step + 1}: its update was skipped and the run stops (the "
                 f"last checkpoint before it is in {run_dir}). Values: {values}"
             )
-        values["samples_per_s"] = global_batch / clock.seconds(step)
+        seconds = clock.seconds(step)
+        values["samples_per_s"] = global_batch / seconds
+        values["step_s"] = seconds
+        values["data_wait_frac"] = min(1.0, clock.data_wait(step) / seconds)
+        if ctx.device.type == "cuda":
+            values["peak_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
         return values
 
     try:
         for step in range(start_step, cfg.max_steps):
             clock.start(step)
-            metrics = trainer.step(next(stream), step)
+            micro_batches = next(stream)
+            clock.data_ready(step)
+            metrics = trainer.step(micro_batches, step)
             clock.end(step)
             if pending is not None:
                 logger.log(pending[0] + 1, read(*pending))

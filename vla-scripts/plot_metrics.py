@@ -2,7 +2,7 @@
 
     python vla-scripts/plot_metrics.py runs/<run_id> [runs/<other_run_id> ...] --out curves.png
 
-Panels: action L1 loss (L_act), LR, and, for CRaFT runs, L_ret with its budget epsilon, lambda, the
+Panels: action L1 loss (L_act), LR, samples/s, and, for CRaFT runs, L_ret with its budget epsilon, lambda, the
 cosine between g_act and g_ret, and the share of steps where the projection fired. Validation L1 is overlaid
 on the loss panel when present.
 """
@@ -18,11 +18,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from prismatic.training.metrics import read_metrics  # noqa: E402
+from prismatic.training.metrics import namespaced, read_metrics  # noqa: E402
 
 PANELS = [
-    ("loss", "L_act (action L1)", False),
-    ("lr", "learning rate", False),
+    ("train/loss", "L_act (action L1)", False),
+    ("train/lr", "learning rate", False),
+    ("perf/samples_per_s", "samples/s", False),
     ("craft/retention_loss", "L_ret (retention MSE)", True),
     ("craft/lambda", "lambda (dual variable)", False),
     ("craft/cosine", "cos(g_act, g_ret)", False),
@@ -44,7 +45,8 @@ def _budget(run_dir: Path) -> float | None:
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> Path:
-    runs = {d: read_metrics(d / "metrics.jsonl") for d in run_dirs}
+    # namespaced(): rows written before metric keys had namespaces ("loss", "lr", ...) read like new ones
+    runs = {d: [namespaced(r) | {"step": r["step"]} for r in read_metrics(d / "metrics.jsonl")] for d in run_dirs}
     keys = [p for p in PANELS if any(_series(rows, p[0])[0] for rows in runs.values())]
     if not keys:
         raise ValueError(f"no plottable metrics in {[str(d) for d in run_dirs]}")
@@ -57,7 +59,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
             x, y = _series(rows, key)
             if x:
                 ax.plot(x, y, label=d.name[-40:])
-            if key == "loss":
+            if key == "train/loss":
                 vx, vy = _series(rows, "val/loss")
                 if vx:
                     ax.plot(vx, vy, "o--", label=f"{d.name[-30:]} (val)")
@@ -67,7 +69,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-        if key in ("loss", "craft/retention_loss"):
+        if key in ("train/loss", "craft/retention_loss"):
             ax.set_yscale("log")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(keys) :]:

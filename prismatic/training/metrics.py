@@ -1,7 +1,9 @@
 """Per-step metrics: ``metrics.jsonl`` in the run dir, a tqdm bar, and wandb in any of its three modes.
 
-Only rank 0 writes. Values arrive already averaged over micro-batches and ranks (the trainer reduces them
-in the same collective as the gradients), so every rank could log the same numbers.
+Keys are namespaced where they are written (:func:`namespaced`): ``train/`` (losses, grad norm, LR), ``perf/``
+(``samples_per_s``, ``step_s``, ``data_wait_frac``, ``peak_gib``), ``craft/`` and ``val/`` (already namespaced
+by the trainer). Only rank 0 writes. Values arrive already averaged over micro-batches and ranks (the trainer
+reduces them in the same collective as the gradients), so every rank could log the same numbers.
 """
 
 from __future__ import annotations
@@ -15,15 +17,29 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+PERF_KEYS = ("samples_per_s", "step_s", "data_wait_frac", "peak_gib")  # logged under perf/
+
 # metric key -> its label on the progress bar (a key missing from a row, e.g. CRaFT's in a plain run, is skipped)
 PROGRESS_LABELS = {
-    "loss": "loss",
-    "l1_current": "l1",
+    "train/loss": "loss",
+    "train/l1_current": "l1",
     "craft/retention_loss": "L_ret",
     "craft/lambda": "lambda",
-    "lr": "lr",
-    "samples_per_s": "samples/s",
+    "train/lr": "lr",
+    "perf/samples_per_s": "samples/s",
 }
+
+
+def namespaced(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The keys as written: ``perf/`` for :data:`PERF_KEYS`, ``train/`` for the other bare keys; a key that
+    already has a namespace (``craft/...``, ``val/...``) is kept."""
+    out = {}
+    for key, value in metrics.items():
+        if "/" in key:
+            out[key] = value
+        else:
+            out[f"perf/{key}" if key in PERF_KEYS else f"train/{key}"] = value
+    return out
 
 
 def progress_postfix(row: dict[str, Any]) -> dict[str, str]:
@@ -112,7 +128,7 @@ class MetricsLogger:
         """Record the metrics of optimizer step ``step`` (1-based count of completed updates)."""
         if not self.is_main:
             return
-        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        row = {"step": step, **{k: _plain(v) for k, v in namespaced(metrics).items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self._bar is not None:
@@ -148,6 +164,8 @@ class StepClock:
         self.cuda = device.type == "cuda"
         self._starts: dict[int, Any] = {}
         self._ends: dict[int, Any] = {}
+        self._data_s: dict[int, float] = {}  # host seconds spent waiting for each step's batch
+        self._fetch_began: float | None = None
 
     def _mark(self) -> Any:
         if not self.cuda:
@@ -159,6 +177,15 @@ class StepClock:
     def start(self, step: int) -> None:
         """Call before fetching step ``step``'s batch."""
         self._starts[step] = self._mark()
+        self._fetch_began = time.perf_counter()
+
+    def data_ready(self, step: int) -> None:
+        """Call once step ``step``'s batch is in hand (host time since :meth:`start` = the data wait)."""
+        self._data_s[step] = time.perf_counter() - self._fetch_began
+
+    def data_wait(self, step: int) -> float:
+        """Host seconds step ``step`` waited for its batch (0 if :meth:`data_ready` was not called)."""
+        return self._data_s.pop(step, 0.0)
 
     def end(self, step: int) -> None:
         """Call once step ``step`` is launched (on the CPU: done)."""
@@ -168,7 +195,7 @@ class StepClock:
         """Duration of ``step``; call after its metrics were read (the step is finished). Forgets older steps."""
         begin = self._starts[step]
         finish = self._starts.get(step + 1, self._ends[step])
-        for marks in (self._starts, self._ends):
+        for marks in (self._starts, self._ends, self._data_s):
             for old in [k for k in marks if k < step]:
                 del marks[old]
         if not self.cuda:
