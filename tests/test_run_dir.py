@@ -95,9 +95,9 @@ def test_resume_with_resume_change_lr_applies_and_records_it(tiny_base: Path, tr
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     warmup, decay = 2, COMMON["num_steps_before_decay"]
     for row in rows[:3]:  # the original run's LR
-        assert row["lr"] == pytest.approx(2e-3 * lr_multiplier(row["step"] - 1, warmup, decay), rel=1e-12)
+        assert row["train/lr"] == pytest.approx(2e-3 * lr_multiplier(row["step"] - 1, warmup, decay), rel=1e-12)
     for row in rows[3:]:  # the new LR from the resumed step on
-        assert row["lr"] == pytest.approx(1e-5 * lr_multiplier(row["step"] - 1, warmup, decay), rel=1e-12)
+        assert row["train/lr"] == pytest.approx(1e-5 * lr_multiplier(row["step"] - 1, warmup, decay), rel=1e-12)
     assert (root / "run" / "finetune_config.json").read_bytes() == config_before
     (record,) = (root / "run" / "resumes").glob("resume-from-3-*.json")
     data = json.loads(record.read_text())
