@@ -203,7 +203,7 @@ class GradientSynchronizer:
         """
         buffer = self.grad_buffer if into is None else into
         self._open_step(buffer)
-        self.bind(buffer)
+        self._ensure_bound(buffer)
         if last and buffer is self.grad_buffer:
             self.begin_last_backward()
         loss.backward(retain_graph=retain_graph)
@@ -215,7 +215,7 @@ class GradientSynchronizer:
         """Close the step: average the gradient buffer, the other buffers of ``backward(..., last=True)`` and
         ``extra`` (e.g. a loss vector) over ranks, in place; ``.grad`` are then views of the gradient buffer."""
         self._open_step(self.grad_buffer)  # a step without any backward into it reduces zeros, not stale values
-        self.bind(self.grad_buffer)
+        self._ensure_bound(self.grad_buffer)
         self.sync_grads(*extra)
         self._step_buffers = None
 
@@ -226,6 +226,14 @@ class GradientSynchronizer:
             self._overlap.reset()
         self._queued = []
         self._step_buffers = None
+
+    def _ensure_bound(self, buffer: torch.Tensor) -> None:
+        """:meth:`bind` only when needed: another buffer was bound, the optimizer's attached views are still in
+        place (collect mode), or something reset ``.grad`` (views mode). A plain step then rebinds nothing: a
+        bind walks all ~800 parameters on the host."""
+        stale_views = not self.collect_mode and bool(self.params) and self.params[0].grad is None
+        if buffer is not self._bound or self._attached or stale_views:
+            self.bind(buffer)
 
     def _open_step(self, buffer: torch.Tensor) -> None:
         if self._step_buffers is None:
