@@ -157,12 +157,16 @@ def build_tiny_policy(
     pos_embed_init: str = "random",
     llm_hidden_size: int = 64,
     vit_embed_dims: tuple[int, int] = (32, 48),
+    llm_layers: int = 4,
+    vit_depth: int = 3,
 ) -> TinyPolicy:
     """The tiny VLA + head + proprio projector, all parameters drawn from ``seed``.
 
     ``llm_hidden_size`` (MLP width 2x) and ``vit_embed_dims`` (DINOv2, SigLIP) widen the tiny config; the
     action head's 8 heads then get ``llm_hidden_size / 8`` dims each, of which RoPE over 512 task tokens
     leaves only the slowest pairs position-independent (2 of 8 dims at the default 64).
+
+    ``llm_layers`` and ``vit_depth`` deepen it (the head gets one block per LLM layer).
 
     ``pos_embed_init="sincos"`` then replaces the ViT position tables with fixed 2-D sine-cosine ones
     (:func:`set_sincos_position_embeddings`); every other parameter is the same as with "random".
@@ -176,7 +180,9 @@ def build_tiny_policy(
         norm_stats=config_stats,
         hidden_size=llm_hidden_size,
         intermediate_size=2 * llm_hidden_size,
+        num_hidden_layers=llm_layers,
         vit_embed_dims=tuple(vit_embed_dims),
+        vit_depth=vit_depth,
     )
     config.num_images_in_input = num_images  # read back by load_vla_release (head task tokens)
     with torch.random.fork_rng(devices=[]):

@@ -41,6 +41,11 @@ def build_inference_prompt(instruction: str) -> str:
     return _HEADER + _QUESTION.format(instruction=instruction.lower()) + _ASSISTANT
 
 
+def build_question_prompt(question: str) -> str:
+    """A task-A question in the VLA's chat template (question as the user turn); the answer comes next."""
+    return _HEADER + question + _ASSISTANT
+
+
 def actions_to_token_ids(normalized_actions: np.ndarray) -> np.ndarray:
     """Map normalized actions [..., action_dim] to action token ids (same shape, int64) in 151387..151642."""
     actions = np.asarray(normalized_actions)

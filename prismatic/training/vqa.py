@@ -1,0 +1,137 @@
+"""Single-token question answering with a Prismatic VLM (task A): batching, answer logits, accuracy, and the loss.
+
+Pretraining (vla-scripts/pretrain_synthetic_vlm.py) and the forgetting study (task-A retention of a fine-tuned
+policy) share this module, so "accuracy" means the same thing in both. The prompt is the VLA's own chat template
+with the question as the user turn (``build_question_prompt``), so a pretrained model meets fine-tuning prompts
+laid out as it was trained; the answer is the assistant's first token, read from the final-norm hidden state of
+the last prompt token through the LM head, over the full vocabulary (argmax: no restriction to answer words).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from prismatic.extern.hf.processing_prismatic import normalize_uint8_images
+from prismatic.vla.constants import PAD_TOKEN_ID
+from prismatic.vla.datasets.torch_source import resize_uint8
+from prismatic.vla.prompting import build_question_prompt
+
+IMAGE_SIZE = 224
+
+
+@dataclass
+class QuestionBatch:
+    """Right-padded prompts [B, T], their masks, the index of each row's last prompt token and the answer ids."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    last_index: torch.Tensor
+    answer_ids: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> QuestionBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return QuestionBatch(
+            *(move(t) for t in (self.input_ids, self.attention_mask, self.last_index, self.answer_ids))
+        )
+
+
+class QuestionEncoder:
+    """Tokenizes questions (cached per string) and answers (each must be exactly one token)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self._prompts: dict[str, list[int]] = {}
+        self._answers: dict[str, int] = {}
+
+    def answer_id(self, answer: str) -> int:
+        if answer not in self._answers:
+            ids = self.tokenizer(answer, add_special_tokens=False).input_ids
+            if len(ids) != 1:
+                raise ValueError(f"answer {answer!r} is {len(ids)} tokens {ids}; task-A answers must be one token")
+            self._answers[answer] = int(ids[0])
+        return self._answers[answer]
+
+    def prompt_ids(self, question: str) -> list[int]:
+        if question not in self._prompts:
+            self._prompts[question] = self.tokenizer(build_question_prompt(question)).input_ids
+        return self._prompts[question]
+
+    def __call__(self, questions: Sequence[str], answers: Sequence[str] | None = None) -> QuestionBatch:
+        prompts = [self.prompt_ids(q) for q in questions]
+        ids = np.full((len(prompts), max(map(len, prompts))), PAD_TOKEN_ID, dtype=np.int64)
+        mask = np.zeros(ids.shape, dtype=bool)
+        for row, p in enumerate(prompts):
+            ids[row, : len(p)], mask[row, : len(p)] = p, True
+        answer_ids = None if answers is None else torch.tensor([self.answer_id(a) for a in answers])
+        last = torch.tensor([len(p) - 1 for p in prompts])
+        return QuestionBatch(torch.from_numpy(ids), torch.from_numpy(mask), last, answer_ids)
+
+
+def vlm_pixels(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] single-camera images -> normalized pixel_values [B, 6, 224, 224] (both ViT branches).
+
+    256-px images are resized with the torch synthetic source's antialiased bilinear resize (``resize_uint8``).
+    """
+    images = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if images.shape[1:3] != (IMAGE_SIZE, IMAGE_SIZE):
+        images = resize_uint8(images.cpu().numpy(), IMAGE_SIZE).to(images.device)
+    return normalize_uint8_images(images[:, None])
+
+
+def answer_logits(vla: torch.nn.Module, pixel_values: torch.Tensor, batch: QuestionBatch) -> torch.Tensor:
+    """Next-token logits [B, V] after each row's last prompt token (vision patches sit after the first token)."""
+    out = vla(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        pixel_values=pixel_values,
+        output_hidden_states=True,
+        return_logits=False,
+    )
+    num_patches = out.projector_features.shape[1]
+    rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+    last = out.hidden_states[-1][rows, num_patches + batch.last_index]  # [B, D], after the final norm
+    return vla.language_model.lm_head(last)
+
+
+def answer_loss(logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the answer token over the full vocabulary (float32)."""
+    return F.cross_entropy(logits.float(), answer_ids)
+
+
+@torch.no_grad()
+def evaluate_answers(
+    vla: torch.nn.Module,
+    encoder: QuestionEncoder,
+    images: np.ndarray | torch.Tensor,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    qtypes: Sequence[str],
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, dict[str, float]]:
+    """Exact-match accuracy of the argmax token per question type and overall: {type: {accuracy, n}}."""
+    was_training = vla.training
+    vla.eval()
+    hits: dict[str, list[bool]] = defaultdict(list)
+    device = torch.device(device)
+    for start in range(0, len(questions), batch_size):
+        stop = min(start + batch_size, len(questions))
+        batch = encoder(questions[start:stop], answers[start:stop]).to(device)
+        pixels = vlm_pixels(torch.as_tensor(np.asarray(images[start:stop]))).to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            predicted = answer_logits(vla, pixels, batch).argmax(dim=-1)
+        for qtype, ok in zip(qtypes[start:stop], (predicted == batch.answer_ids).tolist()):
+            hits[qtype].append(ok)
+    vla.train(was_training)
+    report = {t: {"accuracy": float(np.mean(v)), "n": len(v)} for t, v in sorted(hits.items())}
+    every = [ok for v in hits.values() for ok in v]
+    report["all"] = {"accuracy": float(np.mean(every)), "n": len(every)}
+    return report

@@ -1,0 +1,271 @@
+"""Pretrain a small Prismatic VLM on task A (questions about synthetic scenes): a start point with a skill to lose.
+
+    python vla-scripts/pretrain_synthetic_vlm.py --output_dir runs/vlm-a --device cuda          # the study's model
+    python vla-scripts/pretrain_synthetic_vlm.py --output_dir /tmp/vlm --llm_layers 2 --llm_hidden_size 64 \
+        --vit_embed_dims 32 48 --vit_depth 2 --steps 30 --num_scenes 64 --num_heldout 32 --device cpu  # smoke
+
+Writes under ``--output_dir`` (refuses a non-empty one):
+  base/                  Prismatic base-VLM run dir; fine-tune it with finetune.py --use_minivlm True
+                         --vlm_path <out>/base --config_file_path <out>/base/hf_config
+  pretrain_report.json   held-out accuracy per question type, the flags, sha256 of the weights, wall time, device
+  curves.jsonl, curves.png   training loss and held-out accuracy over the steps
+
+The task (prismatic/vla/datasets/synthetic_vqa.py): 1-4 coloured shapes on a table, drawn like the pick-and-lift
+task's camera; questions on colour, shape, count, existence, left/right relations and position, each answered by
+one token through the LM head over the full vocabulary. Everything trains except the token embedding (tied to the
+LM head): 39M of its rows belong to words the task never uses, so they stay exactly at their seeded values and the
+weights that change (about 9M at the default size) are what a checkpoint needs to move.
+
+Size (default: 8 LLM layers of width 256, ViTs of width 128 and 192, depth 4, 224 px and 256 patches per ViT as
+the real model): the smallest scaled-up tiny config whose head keeps 32 dims per attention head (width / 8) and
+that trains in a few minutes on one GPU; the 64-wide tiny config never learned where a block is (issue 12).
+
+Determinism: parameters come from ``--seed`` (make_tiny_checkpoint.build_tiny_policy, sin-cos ViT position tables
+as the start), scenes from (seed, index), each step's questions from (seed, step); deterministic algorithms are
+on, so the same command reproduces the weights bit for bit on the same machine (the report's sha256 says so).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; before CUDA starts
+
+import argparse
+import hashlib
+import json
+import math
+import multiprocessing
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "vla-scripts"))
+from make_tiny_checkpoint import build_tiny_policy  # noqa: E402
+
+from prismatic.extern.hf.processing_prismatic import normalize_uint8_images  # noqa: E402
+from prismatic.models.checkpoints import ACTION_QUERIES_KEY, write_prismatic_base_checkpoint  # noqa: E402
+from prismatic.training.vqa import (  # noqa: E402
+    IMAGE_SIZE,
+    QuestionEncoder,
+    answer_logits,
+    answer_loss,
+    evaluate_answers,
+)
+from prismatic.vla.datasets.synthetic_vqa import draw_question, make_example, render_scene, scene_rng  # noqa: E402
+from prismatic.vla.datasets.torch_source import resize_uint8  # noqa: E402
+from prismatic.vla.tokenizer import load_qwen_tokenizer  # noqa: E402
+
+BASE_MODEL_ID = "synthetic-vqa+prism-qwen25-extra-dinosiglip-224px"
+EMBEDDING_KEY = "language_model.model.embed_tokens.weight"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output_dir", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0, help="weights, scenes and question order")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--learning_rate", type=float, default=5e-4)
+    p.add_argument("--warmup_steps", type=int, default=300)
+    p.add_argument("--weight_decay", type=float, default=0.05, help="on weight matrices only")
+    p.add_argument("--num_scenes", type=int, default=40000, help="training scenes, rendered once")
+    p.add_argument("--num_heldout", type=int, default=2000, help="held-out scenes, one question each")
+    p.add_argument("--eval_every", type=int, default=500)
+    p.add_argument("--min_accuracy", type=float, default=0.85, help="held-out accuracy the report checks")
+    p.add_argument("--llm_layers", type=int, default=8)
+    p.add_argument("--llm_hidden_size", type=int, default=256)
+    p.add_argument("--vit_embed_dims", type=int, nargs=2, default=(128, 192))
+    p.add_argument("--vit_depth", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="scene rendering processes")
+    return p.parse_args(argv)
+
+
+def _render_train_scene(job: tuple[int, int]) -> tuple[np.ndarray, tuple]:
+    seed, index = job
+    image, objects = render_scene(scene_rng(seed, index, "train"))
+    return resize_uint8(image[None], IMAGE_SIZE)[0].numpy(), objects
+
+
+def render_training_scenes(seed: int, count: int, workers: int) -> tuple[torch.Tensor, list[tuple]]:
+    """uint8 [count, 224, 224, 3] and each scene's objects; scene i depends only on (seed, i)."""
+    jobs = [(seed, i) for i in range(count)]
+    desc = "rendering task-A scenes"
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            out = list(tqdm(pool.imap(_render_train_scene, jobs, chunksize=64), total=count, desc=desc))
+    else:
+        out = [_render_train_scene(job) for job in tqdm(jobs, desc=desc)]
+    return torch.from_numpy(np.stack([img for img, _ in out])), [objects for _, objects in out]
+
+
+def weights_sha256(state: dict[str, torch.Tensor], keys: Sequence[str] | None = None) -> str:
+    """sha256 over the named tensors' raw bytes, in sorted key order (the bit-for-bit reproducibility check)."""
+    digest = hashlib.sha256()
+    for key in sorted(keys if keys is not None else state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        return rev.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up, then a cosine from the peak to a tenth of it at the last step."""
+    if step < args.warmup_steps:
+        return args.learning_rate * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return args.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU image; curves.jsonl holds the same numbers
+        print(f"matplotlib is not installed: {path.name} not drawn (curves.jsonl has the numbers)")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    train = [r for r in rows if "loss" in r]
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8)
+    ax_loss.set(xlabel="step", ylabel="answer cross-entropy", yscale="log", title="training loss")
+    evals = [r for r in rows if "heldout" in r]
+    for qtype in sorted(evals[-1]["heldout"]) if evals else []:
+        style = {"lw": 2.5, "color": "k"} if qtype == "all" else {"lw": 1}
+        ax_acc.plot([r["step"] for r in evals], [r["heldout"][qtype]["accuracy"] for r in evals], label=qtype, **style)
+    ax_acc.set(xlabel="step", ylabel="held-out accuracy", ylim=(0, 1.02), title="held-out accuracy per question type")
+    ax_acc.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out_dir = args.output_dir
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise SystemExit(f"--output_dir {out_dir} is not empty; choose a new one (nothing is overwritten)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    started = time.time()
+
+    vla = build_tiny_policy(
+        args.seed,
+        num_images=1,
+        pos_embed_init="sincos",
+        llm_hidden_size=args.llm_hidden_size,
+        vit_embed_dims=tuple(args.vit_embed_dims),
+        llm_layers=args.llm_layers,
+        vit_depth=args.vit_depth,
+    ).vla
+    vla.to(device).train()
+    vla.get_input_embeddings().weight.requires_grad_(False)  # tied to the LM head; see the module docstring
+    trainable = [(n, p) for n, p in vla.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and not n.endswith("pos_embed")]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and not n.endswith("pos_embed"))]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+        betas=(0.9, 0.95),
+    )
+    num_trainable = sum(p.numel() for _, p in trainable)
+    print(f"VLM: {sum(p.numel() for p in vla.parameters()) / 1e6:.1f}M parameters, {num_trainable / 1e6:.2f}M trained")
+
+    images, objects = render_training_scenes(args.seed, args.num_scenes, args.workers)
+    heldout = [make_example(args.seed, i, "heldout") for i in range(args.num_heldout)]
+    heldout_images = resize_uint8(np.stack([e.image for e in heldout]), IMAGE_SIZE)
+    encoder = QuestionEncoder(load_qwen_tokenizer())
+
+    def evaluate() -> dict:
+        return evaluate_answers(
+            vla, encoder, heldout_images, [e.question for e in heldout], [e.answer for e in heldout],
+            [e.qtype for e in heldout], batch_size=256, device=device,
+            autocast_dtype=torch.bfloat16 if bf16 else None,
+        )  # fmt: skip
+
+    rows: list[dict] = []
+    curves = (out_dir / "curves.jsonl").open("w")
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        curves.write(json.dumps(row) + "\n")
+        curves.flush()
+
+    bar = tqdm(range(args.steps), desc="pretraining on task A")
+    for step in bar:
+        rng = np.random.default_rng([args.seed, step, 0x57E9])
+        index = rng.integers(args.num_scenes, size=args.batch_size)
+        qas = [draw_question(objects[i], rng) for i in index]
+        batch = encoder([q for q, _, _ in qas], [a for _, a, _ in qas]).to(device)
+        pixels = normalize_uint8_images(images[torch.from_numpy(index)][:, None].to(device))
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = answer_loss(answer_logits(vla, pixels, batch), batch.answer_ids)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 25 == 0 or step == args.steps - 1:
+            record({"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr_at(step, args)})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            accuracy = evaluate()
+            record({"step": step + 1, "heldout": accuracy})
+            tqdm.write(f"step {step + 1}: held-out accuracy {accuracy['all']['accuracy']:.3f}")
+    final = evaluate()
+    record({"step": args.steps, "heldout": final})
+    curves.close()
+
+    vla.eval()
+    state = vla.state_dict()
+    base_dir = out_dir / "base"
+    write_prismatic_base_checkpoint(vla, base_dir, model_id=BASE_MODEL_ID)
+    vla.config.save_pretrained(base_dir / "hf_config")
+    accuracy = final["all"]["accuracy"]
+    report = {
+        "heldout_accuracy": final,
+        "meets_min_accuracy": accuracy >= args.min_accuracy,
+        "min_accuracy": args.min_accuracy,
+        # over what the base format holds (the action queries are not part of it; fine-tuning draws them)
+        "weights_sha256": weights_sha256(state, [k for k in state if k != ACTION_QUERIES_KEY]),
+        "embedding_sha256": weights_sha256(state, [EMBEDDING_KEY]),
+        "trained_parameters": num_trainable,
+        "flags": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else list(argv),
+        "wall_s": round(time.time() - started, 1),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "commit": _commit(),
+    }
+    (out_dir / "pretrain_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_curves(rows, out_dir / "curves.png")
+    verdict = "meets" if report["meets_min_accuracy"] else "DOES NOT meet"
+    print(f"held-out accuracy {accuracy:.3f} ({verdict} --min_accuracy {args.min_accuracy}); wrote {base_dir}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
