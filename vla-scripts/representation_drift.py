@@ -1,0 +1,264 @@
+"""How much a fine-tuned checkpoint's representation moved from its start model (forgetting diagnostics).
+
+    python vla-scripts/representation_drift.py --checkpoint runs/<id>/<id>--5000_chkpt --output_dir drift/
+    python vla-scripts/representation_drift.py --checkpoint <ckpt> --output_dir drift/ --vqa_heldout 500  # + task A
+
+Data: the run's own held-out frames, from its finetune_config.json (RLDS held-out episodes, or the synthetic
+source's held-out episodes), augmentation off: the frames validation uses. Works on real LIBERO runs (needs the
+RLDS data and tensorflow) and on synthetic ones (torch only).
+
+Reference (``--reference``, default: the run's start point): the model CRaFT anchors to, i.e. the start VLM with
+the action queries the run started from (drawn from the run's --seed for a base VLM). ``--reference`` may also
+name another run checkpoint, to compare two fine-tuned models.
+
+Measured, per LLM hidden state l = 0 (embeddings) .. L, over the same frames on both sides:
+  * debiased linear CKA of the mean-pooled vision-patch states and of the mean-pooled action-query states;
+  * relative drift ||h - h0|| / ||h0|| of the vision-patch states (per frame, averaged);
+  * linear probes for the instruction (the action-query states see image and instruction): "fixed" fits on the
+    reference's first half of the frames and scores the checkpoint's second half; "refit" fits and scores on
+    the checkpoint (fixed falling below refit = the read-out moved; refit falling = the information is gone);
+  * held-out L_ret: CRaFT's retention loss between the two models' bridge features (the run's feature variant
+    and pooling), and L_ret divided by the mean per-feature variance of f_0 (unit-free: ~1 - R^2);
+  * with ``--vqa_heldout N``: task-A accuracy per question type of both models (synthetic VQA scenes).
+Writes drift.json (every number, the command, both model paths) and drift.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prismatic.extern.hf.modeling_prismatic import _gather_positions
+from prismatic.models.checkpoints import load_vla_release
+from prismatic.training.craft_utils import CRaFTFeatureExtractor, retention_loss
+from prismatic.training.data_setup import build_training_data
+from prismatic.training.distributed import DistributedContext
+from prismatic.training.finetune_config import FinetuneConfig
+from prismatic.training.model_setup import load_start_point
+from prismatic.training.representation_metrics import debiased_linear_cka, relative_drift, ridge_probe
+from prismatic.training.run_dir import checkpoint_config
+from prismatic.vla.constants import IGNORE_INDEX
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, required=True, help="a run checkpoint <run>/<id>--<step>_chkpt")
+    p.add_argument("--output_dir", type=Path, required=True)
+    p.add_argument("--reference", type=Path, default=None, help="another run checkpoint (default: the start point)")
+    p.add_argument("--num_batches", type=int, default=8, help="held-out batches (of the run's batch size)")
+    p.add_argument("--batch_size", type=int, default=None, help="default: the run's")
+    p.add_argument("--vqa_heldout", type=int, default=0, help="task-A scenes to score both models on (0 = off)")
+    p.add_argument("--vqa_seed", type=int, default=0, help="the task-A pretraining seed (held-out scenes)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def run_config(ckpt: Path, args: argparse.Namespace) -> FinetuneConfig:
+    """The run's FinetuneConfig with validation on (so RLDS keeps its held-out split) and this tool's sizes."""
+    recorded, _ = checkpoint_config(ckpt, ckpt.parent)
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    values = {k: v for k, v in recorded.items() if k in names}
+    values.update(val_freq=1, val_batches=args.num_batches, device=args.device, wandb_mode="disabled")
+    if args.batch_size is not None:
+        values["batch_size"] = args.batch_size
+    return FinetuneConfig(**values)
+
+
+def load_checkpoint_vla(ckpt: Path, cfg: FinetuneConfig, device: torch.device) -> torch.nn.Module:
+    """A run checkpoint's VLA (LoRA merged), on its own base when it holds no model files."""
+    loaded = load_vla_release(
+        ckpt,
+        base_model_dir=cfg.vlm_path,
+        base_config_dir=cfg.config_file_path or None,
+        num_images=cfg.num_images_in_input,
+        device=device,
+    )
+    return loaded.vla
+
+
+@dataclasses.dataclass
+class Collected:
+    patches: list[list[torch.Tensor]]  # per layer: [B, P, D] float32 (cpu), per batch
+    queries: list[list[torch.Tensor]]  # per layer: [B, D] pooled action-query states
+    bridge: list[torch.Tensor]  # [B, F] CRaFT bridge features
+
+
+@torch.no_grad()
+def collect(vla: torch.nn.Module, batches: list[dict], cfg: FinetuneConfig, device: torch.device) -> Collected:
+    vla.eval()
+    extractor = CRaFTFeatureExtractor.from_config(cfg.craft_config())
+    out_c = Collected([], [], [])
+    for batch in batches:
+        out = vla(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            pixel_values=batch["pixel_values"].to(device),
+            labels=batch["labels"].to(device),
+            output_hidden_states=True,
+            output_craft_features=True,
+            craft_anchor_layer=cfg.craft_anchor_layer_idx,
+            return_logits=False,
+        )
+        num_patches = out.projector_features.shape[1]
+        if not out_c.patches:
+            out_c.patches = [[] for _ in out.hidden_states]
+            out_c.queries = [[] for _ in out.hidden_states]
+        for layer, hidden in enumerate(out.hidden_states):
+            out_c.patches[layer].append(hidden[:, 1 : 1 + num_patches].float().cpu())
+            queries = _gather_positions(hidden, out.readout_positions)  # [B, 64, D]
+            out_c.queries[layer].append(queries.float().mean(dim=1).cpu())
+        out_c.bridge.append(extractor(out.raw_latent_features, out.action_query_features).float().cpu())
+    return out_c
+
+
+def instruction_labels(batches: list[dict]) -> torch.Tensor:
+    """One integer per frame: which prompt (instruction) it has, numbered in order of first appearance."""
+    ids: dict[tuple[int, ...], int] = {}
+    labels = []
+    for batch in batches:
+        for row, lab, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+            prompt = tuple(row[mask & (lab == IGNORE_INDEX)].tolist())
+            labels.append(ids.setdefault(prompt, len(ids)))
+    return torch.tensor(labels)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if np.isfinite(value) else None
+
+
+def compare(reference: Collected, candidate: Collected, labels: torch.Tensor) -> dict:
+    layers = []
+    n = labels.shape[0]
+    first, second = torch.arange(n) < n // 2, torch.arange(n) >= n // 2
+    for layer in range(len(reference.patches)):
+        ref_p, cand_p = torch.cat(reference.patches[layer]), torch.cat(candidate.patches[layer])
+        ref_q, cand_q = torch.cat(reference.queries[layer]), torch.cat(candidate.queries[layer])
+        row = {
+            "layer": layer,
+            "cka_patches": debiased_linear_cka(ref_p.mean(dim=1), cand_p.mean(dim=1)),
+            "cka_queries": _finite_or_none(debiased_linear_cka(ref_q, cand_q)),  # None: constant (layer 0)
+            "drift_patches": relative_drift(cand_p, ref_p),
+        }
+        if len(torch.unique(labels)) > 1:
+            fixed = ridge_probe(ref_q[first], labels[first])
+            refit = ridge_probe(cand_q[first], labels[first])
+            row["probe_reference"] = fixed.accuracy(ref_q[second], labels[second])
+            row["probe_fixed"] = fixed.accuracy(cand_q[second], labels[second])
+            row["probe_refit"] = refit.accuracy(cand_q[second], labels[second])
+        layers.append(row)
+    f_0, f = torch.cat(reference.bridge), torch.cat(candidate.bridge)
+    l_ret = float(retention_loss(f.double(), f_0.double()))
+    variance = float(f_0.double().var(dim=0).mean())
+    return {
+        "layers": layers,
+        "heldout_retention_loss": l_ret,
+        "heldout_retention_loss_unit_free": l_ret / variance if variance > 0 else None,
+        "num_frames": n,
+        "num_instructions": int(len(torch.unique(labels))),
+    }
+
+
+def task_a_accuracy(models: dict[str, torch.nn.Module], count: int, seed: int, device: torch.device) -> dict:
+    from prismatic.training.vqa import QuestionEncoder, evaluate_answers
+    from prismatic.vla.datasets.synthetic_vqa import make_example
+    from prismatic.vla.tokenizer import load_qwen_tokenizer
+
+    examples = [make_example(seed, i, "heldout") for i in range(count)]
+    encoder = QuestionEncoder(load_qwen_tokenizer())
+    columns = (
+        np.stack([e.image for e in examples]),
+        [e.question for e in examples],
+        [e.answer for e in examples],
+        [e.qtype for e in examples],
+    )
+    return {name: evaluate_answers(vla, encoder, *columns, device=device) for name, vla in models.items()}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = report["layers"]
+    x = [r["layer"] for r in layers]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(x, [r["cka_patches"] for r in layers], "o-", label="vision patches")
+    axes[0].plot(x, [np.nan if r["cka_queries"] is None else r["cka_queries"] for r in layers], "s-",
+                 label="action queries")  # fmt: skip
+    axes[0].set(
+        xlabel="LLM hidden state (0 = embeddings)", ylabel="debiased linear CKA", title="similarity to reference"
+    )
+    axes[0].legend()
+    axes[1].plot(x, [r["drift_patches"] for r in layers], "o-")
+    axes[1].set(xlabel="LLM hidden state", ylabel="||h - h0|| / ||h0||", title="relative drift (vision patches)")
+    if "probe_fixed" in layers[0]:
+        for key, label in (("probe_reference", "reference"), ("probe_fixed", "fixed probe"), ("probe_refit", "refit")):
+            axes[2].plot(x, [r[key] for r in layers], "o-", label=label)
+        axes[2].set(xlabel="LLM hidden state", ylabel="held-out accuracy", ylim=(0, 1.02))
+        axes[2].legend()
+    axes[2].set_title(f"instruction probe; L_ret = {report['heldout_retention_loss']:.3g}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if not args.checkpoint.is_dir():
+        raise SystemExit(f"--checkpoint {args.checkpoint} is not a directory")
+    if (args.output_dir / "drift.json").exists():
+        raise SystemExit(
+            f"{args.output_dir / 'drift.json'} exists; choose another --output_dir (nothing is overwritten)"
+        )
+    cfg = run_config(args.checkpoint, args)
+    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=device)
+    batches = build_training_data(cfg, ctx).val_batches()
+    if not batches:
+        raise SystemExit("the run's data gave no held-out batches (RLDS: too few episodes for a held-out split?)")
+
+    if args.reference is None:
+        reference = load_start_point(cfg.vlm_path, cfg.use_minivlm, cfg.config_file_path, seed=cfg.seed).vla
+        reference_name = f"start point {cfg.vlm_path}"
+    else:
+        reference = load_checkpoint_vla(args.reference, run_config(args.reference, args), device)
+        reference_name = str(args.reference)
+    reference.to(device)
+    candidate = load_checkpoint_vla(args.checkpoint, cfg, device)
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "reference": reference_name,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else list(argv),
+        **compare(
+            collect(reference, batches, cfg, device),
+            collect(candidate, batches, cfg, device),
+            instruction_labels(batches),
+        ),  # fmt: skip
+    }
+    if args.vqa_heldout > 0:
+        report["task_a"] = task_a_accuracy(
+            {"reference": reference, "checkpoint": candidate}, args.vqa_heldout, args.vqa_seed, device
+        )
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "drift.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.output_dir / "drift.png")
+    last = report["layers"][-1]
+    print(
+        f"held-out L_ret {report['heldout_retention_loss']:.4g} "
+        f"(unit-free {report['heldout_retention_loss_unit_free']:.3g}); "
+        f"last layer: CKA patches {last['cka_patches']:.3f}, queries {last['cka_queries']:.3f}, "
+        f"drift {last['drift_patches']:.3f}; wrote {args.output_dir}"
+    )
+    return report
+
+
+if __name__ == "__main__":
+    main()
