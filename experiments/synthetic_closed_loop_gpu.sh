@@ -10,9 +10,13 @@
 #
 #   RUNS="a:1e-3:64:20000 b:3e-4:64:20000" EPISODES=2000 bash experiments/synthetic_closed_loop_gpu.sh
 #
-# RUNS: space-separated id:lr:batch:steps[:images[:pos]] (images: --num_images_in_input, default 2; evaluate a
+# RUNS: space-separated id:lr:batch:steps[:images[:pos[:lora]]] (images: --num_images_in_input, default 2; evaluate a
 # 1-image policy with --num_images_in_input 1; pos: the tiny base's ViT position tables, make_tiny_checkpoint.py
-# --pos_embed_init random|sincos, default $POS_EMBED or random); each run warms up for 2% of its steps, decays the LR x0.1 for its
+# --pos_embed_init random|sincos, default $POS_EMBED or random; lora: 1 = LoRA of rank $LORA_RANK (default 32),
+# default 0 = full fine-tuning). BASE=<base run dir> starts every run from that base VLM instead (e.g. the task-A
+# VLM of vla-scripts/pretrain_synthetic_vlm.py: BASE=<out>/base, its hf_config next to it is used).
+# VAL_FREQ=N (default 0) validates every N steps on VAL_BATCHES (default 15) held-out batches: metrics.jsonl then
+# holds val/l1_current_dim<i>, the current action's L1 per dimension. Each run warms up for 2% of its steps, decays the LR x0.1 for its
 # last sixth and saves every SAVE_EVERY steps (default steps/4). Data: --seed 0, so episode i of the torch source
 # is episode i of make_synthetic_rlds.py --seed 0 (same scene, states and actions over their common steps); it
 # differs in length (20-40 steps here, 12-20 in synthetic_closed_loop.sh), in the images (raw here, JPEG in RLDS;
@@ -41,17 +45,18 @@ fi
 mkdir -p "$OUT"
 pids=()
 for spec in $RUNS; do
-  IFS=: read -r id lr bs steps images pos <<<"$spec"
-  pos="${pos:-${POS_EMBED:-random}}"; base="$OUT/tiny-$pos/base"
+  IFS=: read -r id lr bs steps images pos lora <<<"$spec"
+  pos="${pos:-${POS_EMBED:-random}}"; base="${BASE:-$OUT/tiny-$pos/base}"
   [ -d "$base" ] || $PY vla-scripts/make_tiny_checkpoint.py --output_dir "$OUT/tiny-$pos" --format base --seed 0 \
     --pos_embed_init "$pos"
+  if [ "${lora:-0}" = 1 ]; then lora_flags=(--use_lora True --lora_rank "${LORA_RANK:-32}"); else lora_flags=(--use_lora False); fi
   save="${SAVE_EVERY:-$((steps / 4))}"
   $PY vla-scripts/finetune.py --vlm_path "$base" --use_minivlm True \
     --config_file_path "$base/hf_config" --data_source synthetic --synthetic_num_episodes "$EPISODES" \
     --dataset_name synthetic_no_noops --seed 0 --run_root_dir "$OUT/runs" --run_id_override "$id" \
-    --num_images_in_input "${images:-2}" --use_lora False --image_aug False --batch_size "$bs" --learning_rate "$lr" \
+    --num_images_in_input "${images:-2}" "${lora_flags[@]}" --image_aug False --batch_size "$bs" --learning_rate "$lr" \
     --lr_warmup_steps $((steps / 50)) --num_steps_before_decay $((steps * 5 / 6)) --max_steps "$steps" \
-    --save_freq "$save" --device cuda --show_progress False --wandb_mode disabled >"$OUT/$id.log" 2>&1 &
+    --save_freq "$save" --val_freq "${VAL_FREQ:-0}" --val_batches "${VAL_BATCHES:-15}" --device "${DEVICE:-cuda}" --show_progress False --wandb_mode disabled >"$OUT/$id.log" 2>&1 &
   pids+=($!)
 done
 status=0

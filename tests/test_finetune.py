@@ -377,3 +377,19 @@ def test_plot_tool_reads_namespaced_and_older_bare_keys(tmp_path: Path) -> None:
         assert tool._series(rows, "train/loss")[1] == [1.0, 0.5, 1 / 3, 0.25]
     out = tool.plot_runs([new, old], tmp_path / "curves.png")
     assert out.stat().st_size > 1000
+
+
+def test_action_l1_losses_per_dimension_matches_numpy():
+    """The loss and the per-dimension current-action L1 equal a float64 numpy reference (1e-6, float32 math)."""
+    from prismatic.training.trainer import action_l1_losses
+
+    rng = np.random.default_rng(3)
+    pred, target = rng.normal(size=(2, 5, 8, 7))
+    got = action_l1_losses(torch.tensor(pred, dtype=torch.float32), torch.tensor(target), per_dimension=True)
+    err = np.abs(pred.astype(np.float32).astype(np.float64) - target)
+    want = {"loss": err.mean(), "l1_current": err[:, 0].mean(), "l1_next": err[:, 1:].mean()}
+    want |= {f"l1_current_dim{i}": err[:, 0, i].mean() for i in range(7)}
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert abs(float(got[k]) - v) < 1e-6, k
+    assert set(action_l1_losses(torch.tensor(pred), torch.tensor(target))) == {"loss", "l1_current", "l1_next"}

@@ -31,6 +31,7 @@ from prismatic.training.distributed import (
     shutdown_distributed,
 )
 from prismatic.training.finetune_config import FinetuneConfig
+from prismatic.training.l2sp import L2SP
 from prismatic.training.lr_schedule import build_scheduler, retarget_scheduler
 from prismatic.training.metrics import MetricsLogger, StepClock
 from prismatic.training.model_setup import build_policy, load_start_point
@@ -56,6 +57,10 @@ def make_run_id(cfg: FinetuneConfig) -> str:
         parts.append(f"lora-r{cfg.lora_rank}")
     if cfg.use_craft:
         parts.append("craft")
+    if cfg.freeze_vlm:
+        parts.append("frozen-vlm")
+    if cfg.l2sp_weight > 0:
+        parts.append(f"l2sp-{cfg.l2sp_weight:g}")
     run_id = "+".join(parts)
     return f"{run_id}--{cfg.run_id_note}" if cfg.run_id_note else run_id
 
@@ -101,6 +106,7 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
         use_pro_version=cfg.use_pro_version,
         use_proprio=cfg.use_proprio,
         noise_std=cfg.action_head_noise_std,
+        freeze_vlm=cfg.freeze_vlm,
     )
     for m in (modules.vla, modules.action_head, modules.proprio_projector):
         if m is not None:
@@ -130,7 +136,9 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
         seed=cfg.seed,
         cuda_graphs=cuda and cfg.cuda_graphs,
     )
-    trainer = Trainer(modules, optimizer, scheduler, sync, ctx, settings, craft)
+    # theta_0 of L2-SP: the start point as built, before any resume load (see prismatic/training/l2sp.py)
+    l2sp = L2SP(modules.shared_parameters(), cfg.l2sp_weight) if cfg.l2sp_weight > 0 else None
+    trainer = Trainer(modules, optimizer, scheduler, sync, ctx, settings, craft, regularizer=l2sp)
 
     # --- Resume ---
     checkpoints = CheckpointManager(

@@ -80,6 +80,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_heldout", type=int, default=2000, help="held-out scenes, one question each")
     p.add_argument("--eval_every", type=int, default=500)
     p.add_argument("--min_accuracy", type=float, default=0.85, help="held-out accuracy the report checks")
+    p.add_argument(
+        "--time_limit_s", type=float, default=None,
+        help="stop the step loop after this many seconds of training (the report records the step it stopped at; "
+        "the schedule is still the one for --steps, so a stopped run never reached its final learning rate)",
+    )  # fmt: skip
     p.add_argument("--llm_layers", type=int, default=8)
     p.add_argument("--llm_hidden_size", type=int, default=256)
     p.add_argument("--vit_embed_dims", type=int, nargs=2, default=(128, 192))
@@ -214,7 +219,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         curves.flush()
 
     bar = tqdm(range(args.steps), desc="pretraining on task A")
+    loop_started = time.time()
+    steps_done = 0
     for step in bar:
+        if args.time_limit_s is not None and time.time() - loop_started > args.time_limit_s:
+            tqdm.write(f"--time_limit_s {args.time_limit_s} reached after {step} of {args.steps} steps; stopping")
+            break
         rng = np.random.default_rng([args.seed, step, 0x57E9])
         index = rng.integers(args.num_scenes, size=args.batch_size)
         qas = [draw_question(objects[i], rng) for i in index]
@@ -235,8 +245,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             accuracy = evaluate()
             record({"step": step + 1, "heldout": accuracy})
             tqdm.write(f"step {step + 1}: held-out accuracy {accuracy['all']['accuracy']:.3f}")
+        steps_done = step + 1
+    train_loop_s = time.time() - loop_started
     final = evaluate()
-    record({"step": args.steps, "heldout": final})
+    record({"step": steps_done, "heldout": final})
     curves.close()
 
     vla.eval()
@@ -253,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "weights_sha256": weights_sha256(state, [k for k in state if k != ACTION_QUERIES_KEY]),
         "embedding_sha256": weights_sha256(state, [EMBEDDING_KEY]),
         "trained_parameters": num_trainable,
+        "steps_done": steps_done,
+        "stopped_by_time_limit": steps_done < args.steps,
+        "train_loop_s": round(train_loop_s, 1),
         "flags": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else list(argv),
         "wall_s": round(time.time() - started, 1),

@@ -94,6 +94,8 @@ class FinetuneConfig(CraftFlags):
     # --- Model options -------------------------------------------------------------------------------------
     use_lora: bool = True                   # LoRA on the VLM (False: full fine-tuning)
     lora_rank: int = 64                     # LoRA rank r (alpha = 2r, as upstream)
+    freeze_vlm: bool = False                # head-only: the VLM is frozen except the action queries (--use_lora False)
+    l2sp_weight: float = 0.0                # L2-SP: grad += alpha (theta - theta_0) on the trained VLA weights
     lora_dropout: float = 0.0               # dropout on the LoRA input path
     fused_lora: bool = True                 # LoRA via GEMM epilogues (training/fused_lora.py); False: PEFT's
     merge_lora_during_training: bool = False  # also write a merged model.safetensors at each save
@@ -136,6 +138,14 @@ class FinetuneConfig(CraftFlags):
             raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.use_lora and self.lora_rank < 1:
             raise ValueError(f"--lora_rank must be >= 1 with --use_lora True, got {self.lora_rank}")
+        if self.freeze_vlm and self.use_lora:
+            raise ValueError("--freeze_vlm True trains no VLM weight: pass --use_lora False with it")
+        if self.freeze_vlm and (self.use_craft or self.l2sp_weight > 0):
+            raise ValueError(
+                "--freeze_vlm True leaves nothing for CRaFT or L2-SP to hold: drop --use_craft / --l2sp_weight"
+            )
+        if not (math.isfinite(self.l2sp_weight) and self.l2sp_weight >= 0):
+            raise ValueError(f"--l2sp_weight must be finite and >= 0, got {self.l2sp_weight}")
         if self.resume_step is not None and not self.resume:
             raise ValueError("--resume_step needs --resume True")
         if self.resume_step is not None and self.resume_step < 1:

@@ -136,11 +136,16 @@ def build_policy(
     use_pro_version: bool,
     use_proprio: bool,
     noise_std: float,
+    freeze_vlm: bool = False,
 ) -> PolicyModules:
     """Wrap the start point into trainable modules (fp32 parameters; compute dtype comes from autocast).
 
+    ``freeze_vlm``: only the action queries train inside the VLA (with the head and proprio projector): the
+    "frozen VLM" reference of the forgetting study, whose representation cannot move. Needs ``use_lora=False``.
     Nothing here is about speed: ``prismatic.training.preparation.prepare_policy`` does that afterwards.
     """
+    if freeze_vlm and use_lora:
+        raise ValueError("--freeze_vlm True trains no VLM weight, so it needs --use_lora False (LoRA would be idle)")
     vla = start.vla
     config = vla.config
     llm_dim = config.text_config.hidden_size
@@ -148,7 +153,8 @@ def build_policy(
         model: nn.Module = apply_lora(vla, lora_rank, lora_dropout)
     else:
         model = vla
-        model.requires_grad_(True)
+        model.requires_grad_(not freeze_vlm)
+        vla.action_queries.weight.requires_grad_(True)
     frozen = freeze_unreachable(model, vla)
     log.info("froze %d parameters that never receive a gradient", len(frozen))
 

@@ -6,7 +6,8 @@ backward is scaled by 1/accumulation, and the synchronizer averages over ranks.
 
 CRaFT plugs in through :class:`CraftHooks` (``prismatic/training/craft_step.py``): it supplies the anchor
 features, takes the retention gradients into a second buffer, rewrites the shared-parameter gradients
-between the all-reduce and ``optimizer.step()``, and takes its dual step after the update.
+between the all-reduce and ``optimizer.step()``, and takes its dual step after the update. A
+:class:`GradientRegularizer` (L2-SP) adds its gradient term after CRaFT's rewrite.
 
 A step with a non-finite loss (or gradient norm) leaves weights and optimizer state untouched: fused
 optimizers skip the update on the device, so nothing waits for the host before ``optimizer.step()``.
@@ -59,6 +60,12 @@ class PolicyModules:
                 m.train(mode)
 
 
+class GradientRegularizer(Protocol):
+    """A term added to the rank-averaged gradients before clipping (``prismatic/training/l2sp.py``)."""
+
+    def apply(self) -> dict[str, torch.Tensor]: ...
+
+
 class CraftHooks(Protocol):
     """What the trainer needs from CRaFT (implemented in ``prismatic/training/craft_step.py``)."""
 
@@ -92,13 +99,18 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def action_l1_losses(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+def action_l1_losses(pred: torch.Tensor, target: torch.Tensor, per_dimension: bool = False) -> dict[str, torch.Tensor]:
     """L1 over the whole chunk (the loss), and split into the current action and the future ones (logged).
 
-    pred, target: [B, chunk, action_dim], normalized.
+    pred, target: [B, chunk, action_dim], normalized. ``per_dimension`` adds ``l1_current_dim<i>``, the current
+    action's L1 per action dimension (validation: shows which dimensions a policy has not learned, e.g. x/y
+    predicted like a constant while z and the gripper are learned).
     """
     err = (pred.float() - target.float()).abs()
-    return {"loss": err.mean(), "l1_current": err[:, 0].mean(), "l1_next": err[:, 1:].mean()}
+    losses = {"loss": err.mean(), "l1_current": err[:, 0].mean(), "l1_next": err[:, 1:].mean()}
+    if per_dimension:
+        losses.update({f"l1_current_dim{i}": e for i, e in enumerate(err[:, 0].mean(0).unbind())})
+    return losses
 
 
 def optimizer_step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
@@ -130,6 +142,7 @@ class Trainer:
         ctx: DistributedContext,
         settings: StepSettings,
         craft: CraftHooks | None = None,
+        regularizer: GradientRegularizer | None = None,
     ) -> None:
         self.modules = modules
         self.optimizer = optimizer
@@ -138,6 +151,7 @@ class Trainer:
         self.ctx = ctx
         self.settings = settings
         self.craft = craft
+        self.regularizer = regularizer
         self._training_mode: bool | None = None
 
     def _grad_norm(self) -> torch.Tensor:
@@ -171,8 +185,8 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.ctx.device.type, dtype=dtype)
 
-    def forward(self, batch: dict) -> tuple[dict[str, torch.Tensor], Any]:
-        """Policy forward on one micro-batch; returns (losses, VLA outputs)."""
+    def forward(self, batch: dict, per_dimension: bool = False) -> tuple[dict[str, torch.Tensor], Any]:
+        """Policy forward on one micro-batch; returns (losses, VLA outputs); see ``action_l1_losses``."""
         m = self.modules
         if self.settings.cuda_graphs:
             # The previous micro-batch's forward and backward are done: its graph outputs may be overwritten.
@@ -193,7 +207,7 @@ class Trainer:
             if self.settings.use_proprio and m.proprio_projector is not None:
                 proprio = m.proprio_projector(batch["proprio"])
             pred = m.action_head(head_in, proprio)
-        return action_l1_losses(pred, batch["actions"]), out
+        return action_l1_losses(pred, batch["actions"], per_dimension), out
 
     def step(self, micro_batches: Sequence[dict], step_index: int) -> dict[str, torch.Tensor]:
         """One optimizer step over ``micro_batches`` (this rank's share). Returns rank-averaged metrics.
@@ -237,6 +251,8 @@ class Trainer:
         retention = metrics.pop("retention_loss", None)
         if self.craft is not None:
             metrics.update(self.craft.apply(self.sync, retention))
+        if self.regularizer is not None:
+            metrics.update(self.regularizer.apply())
         metrics["grad_norm"] = self._grad_norm()  # of the gradient the optimizer gets (before clipping)
         nonfinite = nonfinite | ~torch.isfinite(metrics["grad_norm"])
         metrics["lr"] = torch.tensor(self.scheduler.get_last_lr()[0], dtype=torch.float64)  # LR of this update
@@ -250,7 +266,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches: Sequence[dict]) -> dict[str, torch.Tensor]:
-        """Mean L1 losses on held-out batches (eval mode, no noise), averaged over ranks.
+        """Mean L1 losses on held-out batches (eval mode, no noise), averaged over ranks, with the current
+        action's L1 per dimension (``val/l1_current_dim<i>``).
 
         With CRaFT also ``val/retention_loss``: L_ret against the anchor on the held-out frames (the mean over
         the batches the anchor covers, on every rank; absent when it covers none), read here on the host.
@@ -261,7 +278,7 @@ class Trainer:
         with self._prepared():
             for batch in batches:
                 batch = self._to_device(batch)
-                losses, out = self.forward(batch)
+                losses, out = self.forward(batch, per_dimension=True)
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.float() / max(1, len(batches))
                 if self.craft is not None:
