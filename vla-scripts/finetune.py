@@ -37,8 +37,12 @@ from prismatic.training.metrics import MetricsLogger, StepClock
 from prismatic.training.model_setup import build_policy, load_start_point
 from prismatic.training.preparation import SpeedOptions, prepare_policy
 from prismatic.training.run_dir import RunDirRefused, prepare_run_dir
+from prismatic.training.task_a import TaskACoTraining, TaskAValidation, task_a_skill_split
 from prismatic.training.trainer import PolicyModules, StepSettings, Trainer
+from prismatic.training.vqa import QuestionEncoder
 from prismatic.vla.constants import LIBERO, NUM_PATCHES_PER_IMAGE
+from prismatic.vla.datasets.synthetic_vqa import TASK_B_SKILLS
+from prismatic.vla.tokenizer import load_qwen_tokenizer
 
 log = logging.getLogger("finetune")
 
@@ -61,6 +65,8 @@ def make_run_id(cfg: FinetuneConfig) -> str:
         parts.append("frozen-vlm")
     if cfg.l2sp_weight > 0:
         parts.append(f"l2sp-{cfg.l2sp_weight:g}")
+    if cfg.cotrain_fraction > 0:
+        parts.append(f"cotrain-{cfg.cotrain_fraction:g}")
     run_id = "+".join(parts)
     return f"{run_id}--{cfg.run_id_note}" if cfg.run_id_note else run_id
 
@@ -138,7 +144,17 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
     )
     # theta_0 of L2-SP: the start point as built, before any resume load (see prismatic/training/l2sp.py)
     l2sp = L2SP(modules.shared_parameters(), cfg.l2sp_weight) if cfg.l2sp_weight > 0 else None
-    trainer = Trainer(modules, optimizer, scheduler, sync, ctx, settings, craft, regularizer=l2sp)
+    cotrain = task_a_val = None
+    if cfg.cotrain_fraction > 0 or cfg.task_a_val_questions > 0:
+        encoder = QuestionEncoder(load_qwen_tokenizer())
+        if cfg.cotrain_fraction > 0:
+            cotrain = TaskACoTraining(
+                encoder, cfg.batch_size, cfg.cotrain_fraction, scene_seed=cfg.task_a_seed, question_seed=cfg.seed,
+                rank=ctx.rank, num_scenes=cfg.cotrain_num_scenes, show_progress=ctx.is_main and cfg.show_progress,
+            )  # fmt: skip
+        if cfg.task_a_val_questions > 0:
+            task_a_val = TaskAValidation(encoder, cfg.task_a_val_questions, seed=cfg.task_a_seed)
+    trainer = Trainer(modules, optimizer, scheduler, sync, ctx, settings, craft, regularizer=l2sp, auxiliary=cotrain)
 
     # --- Resume ---
     checkpoints = CheckpointManager(
@@ -227,7 +243,9 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
             values = read(*pending)
             pending = None
             if validate:
-                values.update({k: float(v) for k, v in trainer.evaluate(data.val_batches()).items()})
+                probes = [task_a_val] if task_a_val is not None else []
+                values.update({k: float(v) for k, v in trainer.evaluate(data.val_batches(), probes).items()})
+                values.update(task_a_skill_split(values, TASK_B_SKILLS))
             logger.log(step + 1, values)
             if save:
                 extra = {"craft": craft.state_dict() if craft is not None else None, "run_id": run_id}

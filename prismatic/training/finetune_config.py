@@ -97,6 +97,11 @@ class FinetuneConfig(CraftFlags):
     freeze_vlm: bool = False                # head-only: the VLM is frozen except the action queries (--use_lora False)
     l2sp_weight: float = 0.0                # L2-SP: grad += alpha (theta - theta_0) on the trained VLA weights
     lora_dropout: float = 0.0               # dropout on the LoRA input path
+    cotrain_fraction: float = 0.0           # share of each micro-batch's samples that are task-A questions
+                                            # (LM loss; training/task_a.py); 0 = off
+    cotrain_num_scenes: int = 4000          # task-A scenes rendered once for co-training
+    task_a_seed: int = 0                    # the seed the task-A base was pretrained with (its scene streams)
+    task_a_val_questions: int = 0           # held-out task-A questions asked at each validation (0 = off)
     fused_lora: bool = True                 # LoRA via GEMM epilogues (training/fused_lora.py); False: PEFT's
     merge_lora_during_training: bool = False  # also write a merged model.safetensors at each save
     use_pro_version: bool = True            # Pro action-head block (else the original block)
@@ -144,6 +149,21 @@ class FinetuneConfig(CraftFlags):
             raise ValueError(
                 "--freeze_vlm True leaves nothing for CRaFT or L2-SP to hold: drop --use_craft / --l2sp_weight"
             )
+        if not (math.isfinite(self.cotrain_fraction) and 0 <= self.cotrain_fraction < 1):
+            raise ValueError(f"--cotrain_fraction must be in [0, 1), got {self.cotrain_fraction}")
+        if self.cotrain_fraction > 0 and self.freeze_vlm:
+            raise ValueError("--cotrain_fraction with --freeze_vlm True: the LM loss would train no weight")
+        if self.cotrain_fraction > 0 and uses_cuda_graphs(self.compile, self.compile_mode):
+            raise ValueError(
+                "--cotrain_fraction runs a second forward per micro-batch, which CUDA-graph replay "
+                "(--compile_mode reduce-overhead) would overwrite before the backward: use --compile_mode default"
+            )
+        if self.cotrain_num_scenes < 1:
+            raise ValueError(f"--cotrain_num_scenes must be >= 1, got {self.cotrain_num_scenes}")
+        if self.task_a_val_questions < 0:
+            raise ValueError(f"--task_a_val_questions must be >= 0, got {self.task_a_val_questions}")
+        if self.task_a_val_questions > 0 and self.val_freq == 0:
+            raise ValueError("--task_a_val_questions is asked at validation: set --val_freq > 0 too")
         if not (math.isfinite(self.l2sp_weight) and self.l2sp_weight >= 0):
             raise ValueError(f"--l2sp_weight must be finite and >= 0, got {self.l2sp_weight}")
         if self.resume_step is not None and not self.resume:

@@ -7,7 +7,9 @@ backward is scaled by 1/accumulation, and the synchronizer averages over ranks.
 CRaFT plugs in through :class:`CraftHooks` (``prismatic/training/craft_step.py``): it supplies the anchor
 features, takes the retention gradients into a second buffer, rewrites the shared-parameter gradients
 between the all-reduce and ``optimizer.step()``, and takes its dual step after the update. A
-:class:`GradientRegularizer` (L2-SP) adds its gradient term after CRaFT's rewrite.
+:class:`GradientRegularizer` (L2-SP) adds its gradient term after CRaFT's rewrite. :class:`AuxiliaryTask`
+(co-training on task-A questions, ``prismatic/training/task_a.py``) adds a second loss to each micro-batch's
+objective; the logged ``loss`` stays the action loss.
 
 A step with a non-finite loss (or gradient norm) leaves weights and optimizer state untouched: fused
 optimizers skip the update on the device, so nothing waits for the host before ``optimizer.step()``.
@@ -64,6 +66,17 @@ class GradientRegularizer(Protocol):
     """A term added to the rank-averaged gradients before clipping (``prismatic/training/l2sp.py``)."""
 
     def apply(self) -> dict[str, torch.Tensor]: ...
+
+
+class AuxiliaryTask(Protocol):
+    """A second loss per micro-batch, mixed into the objective (``prismatic/training/task_a.py``)."""
+
+    def loss(self, vla: nn.Module, step_index: int, micro_index: int, device: torch.device) -> torch.Tensor: ...
+
+    def combine(self, action_loss: torch.Tensor, auxiliary_loss: torch.Tensor) -> torch.Tensor: ...
+
+
+Probe = Callable[[nn.Module, torch.device, "torch.dtype | None"], dict[str, float]]
 
 
 class CraftHooks(Protocol):
@@ -143,6 +156,7 @@ class Trainer:
         settings: StepSettings,
         craft: CraftHooks | None = None,
         regularizer: GradientRegularizer | None = None,
+        auxiliary: AuxiliaryTask | None = None,
     ) -> None:
         self.modules = modules
         self.optimizer = optimizer
@@ -152,6 +166,7 @@ class Trainer:
         self.settings = settings
         self.craft = craft
         self.regularizer = regularizer
+        self.auxiliary = auxiliary
         self._training_mode: bool | None = None
 
     def _grad_norm(self) -> torch.Tensor:
@@ -240,7 +255,13 @@ class Trainer:
                 # g_ret in its own buffer; the graph is kept for the action loss' backward.
                 g_ret = self.craft.retention_grad_buffer()
                 self.sync.backward(ret / n, into=g_ret, last=last, retain_graph=True)
-            self.sync.backward(losses["loss"] / n, last=last)
+            objective = losses["loss"]
+            if self.auxiliary is not None:
+                with self._autocast():
+                    aux = self.auxiliary.loss(self.modules.vla, step_index, i, self.ctx.device)
+                losses["auxiliary_loss"] = aux
+                objective = self.auxiliary.combine(objective, aux)
+            self.sync.backward(objective / n, last=last)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / n
         names = sorted(sums)
@@ -265,12 +286,14 @@ class Trainer:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, batches: Sequence[dict]) -> dict[str, torch.Tensor]:
+    def evaluate(self, batches: Sequence[dict], probes: Sequence[Probe] = ()) -> dict[str, torch.Tensor]:
         """Mean L1 losses on held-out batches (eval mode, no noise), averaged over ranks, with the current
         action's L1 per dimension (``val/l1_current_dim<i>``).
 
         With CRaFT also ``val/retention_loss``: L_ret against the anchor on the held-out frames (the mean over
         the batches the anchor covers, on every rank; absent when it covers none), read here on the host.
+        Each probe (e.g. ``task_a.TaskAValidation``) gets the VLA in eval mode, inside the preparation's context,
+        and returns host floats that are merged in as they are (every rank computes the same ones).
         """
         self._set_mode(False)
         sums: dict[str, torch.Tensor] = {}
@@ -286,6 +309,9 @@ class Trainer:
                         ret = self.craft.validation_retention_loss(out, batch)
                     if ret is not None:
                         ret_sum, ret_count = ret_sum + ret.float(), ret_count + 1
+            probed: dict[str, float] = {}
+            for probe in probes:
+                probed.update(probe(self.modules.vla, self.ctx.device, self.settings.autocast_dtype))
         names = sorted(sums)
         parts = [sums[k] for k in names] + ([ret_sum, ret_count] if self.craft is not None else [])
         vec = torch.stack(parts) if parts else torch.zeros(0, device=self.ctx.device)
@@ -294,4 +320,5 @@ class Trainer:
         metrics = {f"val/{k}": v for k, v in zip(names, vec.unbind())}
         if self.craft is not None and float(vec[-1]) > 0:  # a mean of rank means: both scale alike
             metrics["val/retention_loss"] = vec[-2] / vec[-1]
+        metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in probed.items()})
         return metrics
