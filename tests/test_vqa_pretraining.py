@@ -78,5 +78,10 @@ def test_pretraining_is_reproducible_learns_and_writes_a_loadable_base(tmp_path,
     )  # fmt: skip
     assert again == first["heldout_accuracy"]
 
+    # the frozen embedding is the seeded one: pack_checkpoint.py can leave it out and rebuild it (GPU transfers)
+    seeded = tmp_path / "seeded.pt"
+    load_script("pack_checkpoint").main(["seeded-embedding", str(seeded), "--seed", "0", *SMALL])
+    assert torch.equal(torch.load(seeded)["embedding"], start.vla.get_input_embeddings().weight)
+
     with pytest.raises(SystemExit, match="not empty"):
         _pretrain(tmp_path, "a")  # never overwrites a finished run

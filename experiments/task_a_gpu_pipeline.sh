@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One GPU call, start to finish: pretrain the task-A VLM (vla-scripts/pretrain_synthetic_vlm.py), pack its base
+# for the trip back, fine-tune task-B arms from it (experiments/synthetic_closed_loop_gpu.sh with BASE=) and pack
+# the arm with the lowest held-out x/y L1 if it fits next to the base. Everything that comes back is under $OUT:
+#   base.partNN              the base VLM without its seeded embedding (vla-scripts/pack_checkpoint.py)
+#   ck_<arm>.partNN          that arm's newest checkpoint without what equals the base (and without optimizer state)
+#   small.tgz                pretrain_report.json, curves, logs, each arm's metrics.jsonl and finetune_config.json
+# Unpack on the CPU machine (same paths as on the GPU, since a LoRA checkpoint names its base):
+#   python vla-scripts/pack_checkpoint.py seeded-embedding /tmp/ref.pt
+#   python vla-scripts/pack_checkpoint.py unpack <files>/base /tmp/vlmA/base --ref /tmp/ref.pt
+#   python vla-scripts/pack_checkpoint.py unpack <files>/ck_L <run>/L/L--<step>_chkpt --ref /tmp/ref.pt \
+#     /tmp/vlmA/base/checkpoints/*.pt          (+ small/config-L.json as <run>/L/finetune_config.json)
+#
+#   OUT=... PLIMIT=200 PSTEPS=4000 RUNS="L:5e-4:64:2000:2:random:1" EPISODES=400 SAVE_EVERY=400 VAL_FREQ=200 \
+#     DEADLINE=540 bash experiments/task_a_gpu_pipeline.sh       # RUNS=none: pretraining only
+# PLIMIT: seconds of pretraining steps (--time_limit_s); DEADLINE: seconds after start at which the arms are
+# stopped (their newest checkpoint is used). Draccus and its pure-Python deps come from .whl/*.whl when the image
+# lacks them (tools/device README). A scene-rendering pool with torch's default threads ran 250x slower on a
+# 16-core H100 host (2026-12-06); the script now pins one thread per worker.
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+if ! python3 -c "import draccus" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+S=/tmp/small; mkdir -p "$S" "$OUT"
+{ date -u; nvidia-smi -L; git rev-parse HEAD; python3 -c "import torch; print(torch.__version__)"; nproc; } \
+  > "$S/env.txt" 2>&1
+timeout $((PLIMIT + 150)) python3 vla-scripts/pretrain_synthetic_vlm.py --output_dir /tmp/vlmA --steps "$PSTEPS" \
+  --time_limit_s "$PLIMIT" ${PARGS:-} > "$S/pretrain.log" 2>&1
+echo "pretraining rc=$? at $(el)s" >> "$S/timeline.txt"
+cp /tmp/vlmA/pretrain_report.json /tmp/vlmA/curves.jsonl /tmp/vlmA/curves.png "$S/" 2>/dev/null
+python3 vla-scripts/pack_checkpoint.py seeded-embedding /tmp/ref.pt ${REFARGS:-} >> "$S/pack.log" 2>&1
+python3 vla-scripts/pack_checkpoint.py pack /tmp/vlmA/base "$OUT/base" --ref /tmp/ref.pt >> "$S/pack.log" 2>&1
+echo "base packed at $(el)s" >> "$S/timeline.txt"
+if [ "$RUNS" != none ]; then
+  setsid env BASE=/tmp/vlmA/base OUT=/tmp/cl RUNS="$RUNS" EPISODES="$EPISODES" SAVE_EVERY="$SAVE_EVERY" \
+    VAL_FREQ="$VAL_FREQ" bash experiments/synthetic_closed_loop_gpu.sh > "$S/arms.log" 2>&1 &
+  arms=$!
+  while kill -0 "$arms" 2>/dev/null && [ "$(el)" -lt "$DEADLINE" ]; do sleep 5; done
+  kill -- -"$arms" 2>/dev/null; sleep 3; echo "arms stopped at $(el)s" >> "$S/timeline.txt"
+  for f in /tmp/cl/*.log; do cp "$f" "$S/arm-$(basename "$f")"; done
+  for d in /tmp/cl/runs/*/; do
+    id=$(basename "$d"); cp "$d/metrics.jsonl" "$S/metrics-$id.jsonl"; cp "$d/finetune_config.json" "$S/config-$id.json"
+  done
+  python3 - > "$S/select.txt" 2>&1 <<'PY'
+import glob, json, os, subprocess
+out = os.environ["OUT"]
+arms = {}
+for m in glob.glob("/tmp/small/metrics-*.jsonl"):
+    arm = m.split("metrics-")[1].removesuffix(".jsonl")
+    val = [json.loads(line) for line in open(m) if "val/l1_current_dim0" in line]
+    ckpts = sorted(glob.glob(f"/tmp/cl/runs/{arm}/{arm}--*_chkpt"), key=lambda p: int(p.rsplit("--", 1)[1].split("_")[0]))
+    if val and ckpts:
+        arms[arm] = ((val[-1]["val/l1_current_dim0"] + val[-1]["val/l1_current_dim1"]) / 2, val[-1]["step"], ckpts[-1])
+print("arm: (last val x/y L1, its step, newest checkpoint)", arms)
+size = lambda pattern: sum(os.path.getsize(p) for p in glob.glob(pattern)) / 2**20
+for arm, (xy, step, ckpt) in sorted(arms.items(), key=lambda kv: kv[1][0]):
+    refs = ["/tmp/ref.pt", *glob.glob("/tmp/vlmA/base/checkpoints/*.pt")]
+    subprocess.run(["python3", "vla-scripts/pack_checkpoint.py", "pack", ckpt, f"/tmp/pk_{arm}/ck", "--ref", *refs], check=True)
+    mib = size(f"/tmp/pk_{arm}/ck.part*")
+    print(f"{arm}: {mib:.1f} MiB next to the base's {size(out + '/base.part*'):.1f}")
+    if mib + size(out + "/base.part*") < 60:
+        for p in glob.glob(f"/tmp/pk_{arm}/ck.part*"):
+            os.rename(p, f"{out}/ck_{arm}.{p.rsplit('.', 1)[1]}")
+        print("brought back", arm)
+        break
+PY
+fi
+echo "done at $(el)s" >> "$S/timeline.txt"
+tar czf "$OUT/small.tgz" -C /tmp small
+cat "$S/timeline.txt" "$S/select.txt" 2>/dev/null; grep -v "rendering" "$S/pretrain.log" | tail -3
