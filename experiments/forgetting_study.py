@@ -1,0 +1,380 @@
+"""The forgetting study of docs/STUDY.md: plan its runs, run them a few at a time, fix epsilon, analyze.
+
+    python experiments/forgetting_study.py start   --base <task-A base> --out study   # task-A accuracy at the start
+    python experiments/forgetting_study.py plan    --base <task-A base> --out study --phase 1 --seeds 0 1 2 3 4
+    python experiments/forgetting_study.py run     --out study --phase 1 --parallel 4
+    python experiments/forgetting_study.py epsilon --out study          # plain's held-out L_ret -> epsilon, L2-SP pick
+    python experiments/forgetting_study.py plan    --base <task-A base> --out study --phase 2 --seeds 0 1 2 3 4
+    python experiments/forgetting_study.py run     --out study --phase 2 --parallel 4
+    python experiments/forgetting_study.py analyze --out study          # results.json, results.md, results.png
+
+Phase 1 holds every arm that does not depend on epsilon (plain, frozen, cotrain, L2-SP at several strengths,
+fixed lambda); phase 2 the CRaFT arms at the epsilons that ``epsilon`` derived from phase 1's plain runs, before
+any task-A number is looked at (``epsilon`` reads only L_ret and task-B validation L1). LoRA arms without CRaFT
+run with a CRaFT *monitor* (lambda pinned at 0, no projection: the update is plain's) so that every arm reports
+the same held-out L_ret. Every run is an ordinary ``vla-scripts/finetune.py`` process; metrics are read back from
+its ``metrics.jsonl`` (validation at 25%, 50% and 100% of training, with task-A accuracy per question type).
+A rerun of ``run`` skips finished runs, resumes interrupted ones from their last checkpoint and restarts runs that
+never saved one (the old dir is moved aside by ``--overwrite``, nothing is deleted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from experiments.study_stats import craft_rules, paired_bootstrap  # noqa: E402
+from prismatic.vla.datasets.synthetic_vqa import TASK_B_SKILLS  # noqa: E402
+
+# A CRaFT monitor: L_ret is computed and validated, lambda stays 0 and nothing is projected.
+MONITOR = ["--use_craft", "True", "--craft_retention_weight", "0", "--craft_lambda_max", "0", "--craft_dual_lr",
+           "0", "--craft_enable_projection", "False"]  # fmt: skip
+L2SP_WEIGHTS = (1e-3, 1e-2, 1e-1)
+FIXED_LAMBDAS = (0.3, 1.0, 3.0, 10.0)
+EPSILON_FRACTIONS = (0.25, 0.5)
+
+
+def phase1_arms() -> dict[str, list[str]]:
+    arms = {
+        "plain": MONITOR,
+        "frozen": ["--use_lora", "False", "--freeze_vlm", "True"],
+        "cotrain": [*MONITOR, "--cotrain_fraction", "0.2"],
+    }
+    arms |= {f"l2sp_{w:g}": [*MONITOR, "--l2sp_weight", f"{w:g}"] for w in L2SP_WEIGHTS}
+    for lam in FIXED_LAMBDAS:
+        arms[f"fixed_lambda_{lam:g}"] = ["--use_craft", "True", "--craft_retention_weight", f"{lam:g}",
+                                         "--craft_lambda_max", f"{lam:g}", "--craft_dual_lr", "0",
+                                         "--craft_enable_projection", "False"]  # fmt: skip
+    return arms
+
+
+def phase2_arms(epsilons: dict[str, float]) -> dict[str, list[str]]:
+    arms = {}
+    for label, eps in epsilons.items():
+        craft = ["--use_craft", "True", "--craft_retention_budget", f"{eps:.6g}"]
+        arms[f"craft@{label}"] = craft
+        arms[f"craft_gate@{label}"] = [*craft, "--craft_projection_gate_rho", "0.5"]
+        arms[f"dual_only@{label}"] = [*craft, "--craft_enable_projection", "False"]
+        arms[f"proj_only@{label}"] = [*craft, "--craft_lambda_max", "0"]
+        arms[f"raw_only@{label}"] = [*craft, "--craft_feature_variant", "raw_only"]
+        arms[f"aq_only@{label}"] = [*craft, "--craft_feature_variant", "aq_only"]
+    return arms
+
+
+def common_flags(args: argparse.Namespace, seed: int, run_id: str) -> list[str]:
+    steps = args.steps
+    flags = {
+        "vlm_path": args.base, "use_minivlm": True, "config_file_path": Path(args.base) / "hf_config",
+        "data_source": "synthetic", "dataset_name": "synthetic_no_noops",
+        "synthetic_num_episodes": args.episodes, "num_images_in_input": 2, "use_lora": True,
+        "lora_rank": args.lora_rank, "image_aug": False, "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate, "lr_warmup_steps": max(1, steps // 50),
+        "num_steps_before_decay": steps * 5 // 6, "max_steps": steps, "save_freq": max(1, steps // 4),
+        "val_freq": max(1, steps // 4), "val_batches": args.val_batches,
+        "task_a_val_questions": args.task_a_questions, "task_a_seed": args.task_a_seed, "seed": seed,
+        "run_root_dir": Path(args.out) / "runs", "run_id_override": run_id, "device": args.device,
+        "wandb_mode": "disabled", "show_progress": False,
+    }  # fmt: skip
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def plan_path(out: str | Path, phase: int) -> Path:
+    return Path(out) / f"phase{phase}.json"
+
+
+def cmd_plan(args: argparse.Namespace) -> list[dict]:
+    if args.phase == 1:
+        arms = phase1_arms()
+    else:
+        eps_file = Path(args.out) / "epsilon.json"
+        if not eps_file.is_file():
+            raise SystemExit(f"{eps_file} is missing: run `epsilon` on phase 1 first")
+        arms = phase2_arms(json.loads(eps_file.read_text())["epsilon"])
+    if args.arms:
+        unknown = sorted(set(args.arms) - set(arms))
+        if unknown:
+            raise SystemExit(f"unknown arms {unknown}; phase {args.phase} has {sorted(arms)}")
+        arms = {a: arms[a] for a in args.arms}
+    runs = []
+    for arm, flags in arms.items():
+        for seed in args.seeds:
+            run_id = f"{arm.replace('@', '-at-')}--s{seed}"
+            runs.append({"arm": arm, "seed": seed, "run_id": run_id, "max_steps": args.steps,
+                         "argv": [*common_flags(args, seed, run_id), *flags]})  # fmt: skip
+    path = plan_path(args.out, args.phase)
+    if path.exists() and not args.replace:
+        raise SystemExit(f"{path} exists; pass --replace to write a new plan (finished runs are kept)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"phase": args.phase, "runs": runs}, indent=1) + "\n")
+    print(f"wrote {path}: {len(runs)} runs ({len(arms)} arms x {len(args.seeds)} seeds)")
+    return runs
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def run_state(run_dir: Path, max_steps: int) -> str:
+    """finished / resumable / fresh."""
+    rows = read_metrics(run_dir)
+    if rows and rows[-1].get("step") == max_steps:
+        return "finished"
+    if any(run_dir.glob("*_chkpt")):
+        return "resumable"
+    return "fresh"
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, int]:
+    plan = json.loads(plan_path(args.out, args.phase).read_text())["runs"]
+    logs = Path(args.out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for entry in plan:
+        run_dir = Path(args.out) / "runs" / entry["run_id"]
+        state = run_state(run_dir, entry["max_steps"])
+        if state == "finished":
+            continue
+        extra = ["--resume=True"] if state == "resumable" else (["--overwrite=True"] if run_dir.exists() else [])
+        todo.append(
+            (entry["run_id"], [sys.executable, str(REPO / "vla-scripts" / "finetune.py"), *entry["argv"], *extra])
+        )
+    print(f"{len(plan) - len(todo)} of {len(plan)} runs finished; {len(todo)} to run, {args.parallel} at a time")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    running: dict[str, subprocess.Popen] = {}
+    codes: dict[str, int] = {}
+    while todo or running:
+        while todo and len(running) < args.parallel:
+            run_id, cmd = todo.pop(0)
+            with (logs / f"{run_id}.log").open("a") as log:
+                running[run_id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        time.sleep(1.0)
+        for run_id, proc in list(running.items()):
+            if proc.poll() is not None:
+                codes[run_id] = proc.returncode
+                del running[run_id]
+                status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode}; see {logs / run_id}.log)"
+                print(f"{run_id}: {status}", flush=True)
+    if any(codes.values()):
+        raise SystemExit(f"{sum(1 for c in codes.values() if c)} run(s) failed")
+    return codes
+
+
+def final_row(rows: list[dict]) -> dict | None:
+    val = [r for r in rows if "val/loss" in r]
+    return val[-1] if val else None
+
+
+def finished_runs(out: Path, phase: int) -> list[dict]:
+    path = plan_path(out, phase)
+    if not path.is_file():
+        return []
+    done = []
+    for entry in json.loads(path.read_text())["runs"]:
+        rows = read_metrics(out / "runs" / entry["run_id"])
+        if rows and rows[-1].get("step") == entry["max_steps"] and final_row(rows) is not None:
+            done.append({**entry, "final": final_row(rows)})
+    return done
+
+
+def cmd_epsilon(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    path = out / "epsilon.json"
+    if path.exists():
+        raise SystemExit(f"{path} exists: epsilon is fixed once (docs/STUDY.md); delete it only to amend the protocol")
+    plan = json.loads(plan_path(out, 1).read_text())["runs"]
+    runs = finished_runs(out, 1)
+    plain = [r for r in runs if r["arm"] == "plain"]
+    expected = sum(1 for r in plan if r["arm"] == "plain")
+    if not plain or len(plain) < expected:
+        raise SystemExit(f"{len(plain)} of {expected} plain runs finished: epsilon needs all of them")
+    ret = float(np.median([r["final"]["val/retention_loss"] for r in plain]))
+    plain_l1 = float(np.median([r["final"]["val/loss"] for r in plain]))
+    l2sp = {}
+    for w in L2SP_WEIGHTS:
+        l1 = [r["final"]["val/loss"] for r in runs if r["arm"] == f"l2sp_{w:g}"]
+        if l1:
+            l2sp[f"{w:g}"] = float(np.median(l1))
+    within = [w for w, l1 in l2sp.items() if l1 <= 1.05 * plain_l1]
+    chosen = max(within, key=float) if within else None  # the strongest pull that keeps task B (L1 within 5%)
+    result = {
+        "plain_median_retention": ret,
+        "epsilon": {f"{f:g}": f * ret for f in EPSILON_FRACTIONS},
+        "plain_median_val_l1": plain_l1,
+        "l2sp_median_val_l1": l2sp,
+        "l2sp_weight": chosen,
+        "rule": "epsilon = fraction x median final held-out L_ret of plain; L2-SP = largest weight whose median "
+        "val L1 <= 1.05 x plain's (task B alone, no task-A metric read)",
+    }
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def cmd_start(args: argparse.Namespace) -> dict:
+    import torch
+
+    from prismatic.training.model_setup import load_start_point
+    from prismatic.training.task_a import TaskAValidation, task_a_skill_split
+    from prismatic.training.vqa import QuestionEncoder
+    from prismatic.vla.tokenizer import load_qwen_tokenizer
+
+    start = load_start_point(str(args.base), True, str(Path(args.base) / "hf_config"))
+    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    vla = start.vla.to(device).eval()
+    probe = TaskAValidation(QuestionEncoder(load_qwen_tokenizer()), args.task_a_questions, seed=args.task_a_seed)
+    values = probe(vla, device, torch.bfloat16 if device.type == "cuda" else None)
+    values |= task_a_skill_split(values, TASK_B_SKILLS)
+    path = Path(args.out) / "start.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"base": str(args.base), "questions": args.task_a_questions, **values}, indent=2) + "\n")
+    print(json.dumps(values, indent=2))
+    return values
+
+
+def cmd_analyze(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    start_file = out / "start.json"
+    if not start_file.is_file():
+        raise SystemExit(f"{start_file} is missing: run `start` first (P1 is start minus fine-tuned accuracy)")
+    start = json.loads(start_file.read_text())
+    runs = finished_runs(out, 1) + finished_runs(out, 2)
+    by_arm: dict[str, dict[int, dict]] = {}
+    for r in runs:
+        f = r["final"]
+        by_arm.setdefault(r["arm"], {})[r["seed"]] = {
+            "p1": start["val/task_a_not_needed"] - f["val/task_a_not_needed"],
+            "needed_drop": start["val/task_a_needed"] - f["val/task_a_needed"],
+            "val_l1": f["val/loss"],
+            "retention": f.get("val/retention_loss", float("nan")),
+        }
+    if "plain" not in by_arm:
+        raise SystemExit("no finished plain run: every comparison is against plain")
+    plain = by_arm["plain"]
+    table = {}
+    for arm, seeds in sorted(by_arm.items()):
+        row = {k: float(np.mean([s[k] for s in seeds.values()])) for k in ("p1", "needed_drop", "val_l1", "retention")}
+        row["seeds"] = sorted(seeds)
+        if arm != "plain":
+            improvement = paired_bootstrap({s: plain[s]["p1"] for s in plain}, {s: v["p1"] for s, v in seeds.items()})
+            row["p1_improvement_vs_plain"] = improvement.__dict__
+            l1 = paired_bootstrap({s: v["val_l1"] for s, v in seeds.items()}, {s: plain[s]["val_l1"] for s in plain})
+            row["val_l1_minus_plain"] = l1.__dict__
+        table[arm] = row
+    eps_file = out / "epsilon.json"
+    verdicts = {}
+    if eps_file.is_file() and "frozen" in table:
+        eps = json.loads(eps_file.read_text())
+        gap = table["plain"]["p1"] - table["frozen"]["p1"]
+        simpler = [a for a in table if a.startswith("fixed_lambda_") or a == f"l2sp_{eps.get('l2sp_weight')}"]
+        for arm, row in table.items():
+            if "@" not in arm:
+                continue
+            label = arm.split("@")[1]
+            beaten = [a for a in simpler if table[a]["p1"] < row["p1"] and table[a]["val_l1"] < row["val_l1"]]
+            checks = craft_rules(
+                epsilon=eps["epsilon"][label],
+                final_retention=[v["retention"] for v in by_arm[arm].values()],
+                p1_improvement=paired_bootstrap(
+                    {s: plain[s]["p1"] for s in plain}, {s: v["p1"] for s, v in by_arm[arm].items()}
+                ),  # fmt: skip
+                p1_gap_plain_minus_frozen=gap,
+                b_metric_arm=row["val_l1"],
+                b_metric_plain=table["plain"]["val_l1"],
+                b_metric_is_success=False,
+                beaten_by=beaten,
+            )
+            verdicts[arm] = {"works": all(c.holds for c in checks), "checks": [c.__dict__ for c in checks]}
+    result = {"start": start, "arms": table, "verdicts": verdicts,
+              "uninformative": table["plain"]["p1"] < 0.03}  # fmt: skip
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "results.md").write_text(results_markdown(result))
+    plot_results(table, out / "results.png")
+    print((out / "results.md").read_text())
+    return result
+
+
+def results_markdown(result: dict) -> str:
+    lines = ["# Forgetting study: results", "",
+             "P1 = start minus fine-tuned task-A accuracy on the question types task B does not need (lower: less "
+             "forgetting); improvement = plain's P1 minus the arm's, paired over seeds, percentile bootstrap 95% CI. "
+             "Task B: validation L1 (normalised actions, lower is better).", "",
+             "| arm | seeds | P1 drop | needed-skill drop | val L1 | held-out L_ret | P1 improvement vs plain (CI) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for arm, row in result["arms"].items():
+        imp = row.get("p1_improvement_vs_plain")
+        ci = f"{imp['mean']:+.3f} ({imp['low']:+.3f}..{imp['high']:+.3f})" if imp else "-"
+        lines.append(f"| {arm} | {len(row['seeds'])} | {row['p1']:.3f} | {row['needed_drop']:.3f} | "
+                     f"{row['val_l1']:.4f} | {row['retention']:.4g} | {ci} |")  # fmt: skip
+    if result["uninformative"]:
+        lines += ["", "**Uninformative**: plain forgets fewer than 3 points on P1 (docs/STUDY.md section 6)."]
+    for arm, v in result["verdicts"].items():
+        lines += ["", f"**{arm}**: {'works' if v['works'] else 'does not work'} by the pre-registered rules"]
+        lines += [f"- rule {c['rule']}: {c['holds']} ({c['detail']})" for c in v["checks"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(table: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for arm, row in table.items():
+        ax.scatter(row["val_l1"], row["p1"], s=30)
+        ax.annotate(arm, (row["val_l1"], row["p1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("task-B validation L1 (lower is better)")
+    ax.set_ylabel("P1: task-A accuracy drop on skills B does not need")
+    ax.set_title("Forgetting vs task B, mean over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=("start", "plan", "run", "epsilon", "analyze"))
+    p.add_argument("--out", required=True, help="study dir: plans, runs/, logs/, epsilon.json, results")
+    p.add_argument("--base", help="task-A base run dir (pretrain_synthetic_vlm.py's <out>/base)")
+    p.add_argument("--phase", type=int, choices=(1, 2), default=1)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--arms", nargs="*", help="a subset of the phase's arms (default: all)")
+    p.add_argument("--replace", action="store_true", help="plan: overwrite an existing plan file")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--learning_rate", type=float, default=5e-4)
+    p.add_argument("--lora_rank", type=int, default=32)
+    p.add_argument("--episodes", type=int, default=1000)
+    p.add_argument("--val_batches", type=int, default=15)
+    p.add_argument("--task_a_questions", type=int, default=1000)
+    p.add_argument("--task_a_seed", type=int, default=0)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--parallel", type=int, default=4, help="run: concurrent finetune.py processes")
+    args = p.parse_args(argv)
+    if args.command in ("plan", "start") and not args.base:
+        p.error(f"{args.command} needs --base")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> object:
+    args = parse_args(argv)
+    return {"start": cmd_start, "plan": cmd_plan, "run": cmd_run, "epsilon": cmd_epsilon, "analyze": cmd_analyze}[
+        args.command
+    ](args)
+
+
+if __name__ == "__main__":
+    main()

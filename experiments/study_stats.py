@@ -1,0 +1,101 @@
+"""Statistics of the forgetting study (docs/STUDY.md sections 5 and 6): paired bootstrap CIs and the decision rules.
+
+Kept apart from the driver so that the numbers a verdict rests on are computed by small functions the tests check
+against independent references (exact enumeration of the bootstrap distribution for few seeds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """mean(arm - reference) over paired seeds and its percentile bootstrap 95% CI (resampling seeds)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def paired_bootstrap(
+    arm: Mapping[int, float], reference: Mapping[int, float], resamples: int = 10_000, seed: int = 0
+) -> PairedDifference:
+    """Difference arm - reference over the seeds both have, with a percentile bootstrap CI over seeds.
+
+    Pairing by seed removes what the seed does to both (data order, fresh head), which is most of the spread.
+    """
+    seeds = sorted(set(arm) & set(reference))
+    if not seeds:
+        raise ValueError("no seed in common: a paired difference needs the same seeds in both arms")
+    diff = np.array([arm[s] - reference[s] for s in seeds], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return PairedDifference(float(diff.mean()), float(low), float(high), len(seeds))
+
+
+@dataclass(frozen=True)
+class RuleCheck:
+    rule: str
+    holds: bool | None  # None: not decidable with the data given (said so in the report)
+    detail: str
+
+
+def craft_rules(
+    *,
+    epsilon: float,
+    final_retention: Sequence[float],
+    p1_improvement: PairedDifference,
+    p1_gap_plain_minus_frozen: float,
+    b_metric_arm: float,
+    b_metric_plain: float,
+    b_metric_is_success: bool,
+    beaten_by: Sequence[str],
+) -> list[RuleCheck]:
+    """Rules 1-4 of docs/STUDY.md section 6 for one CRaFT arm at one epsilon (rule 5 compares epsilons).
+
+    ``p1_improvement``: plain's P1 drop minus the arm's, paired over seeds (> 0: the arm forgets less).
+    ``b_metric_*``: task-B closed-loop success (higher is better) or validation L1 (lower is better).
+    ``beaten_by``: fixed-lambda / L2-SP arms that are better on both P1 and P2.
+    """
+    median_ret = float(np.median(final_retention)) if len(final_retention) else float("nan")
+    checks = [
+        RuleCheck(
+            "1: held-out L_ret <= 1.2 epsilon",
+            bool(median_ret <= 1.2 * epsilon) if np.isfinite(median_ret) else None,
+            f"median final L_ret {median_ret:.4g} vs 1.2 x {epsilon:.4g} = {1.2 * epsilon:.4g}",
+        )
+    ]
+    if p1_gap_plain_minus_frozen > 0:
+        half = 0.5 * p1_gap_plain_minus_frozen
+        holds = p1_improvement.mean >= half and p1_improvement.low > 0
+        imp = p1_improvement
+        detail = (
+            f"P1 improvement over plain {imp.mean:.4g} (CI {imp.low:.4g}..{imp.high:.4g}) vs half the gap {half:.4g}"
+        )
+        checks.append(RuleCheck("2: closes half the P1 gap, CI excludes 0", holds, detail))
+    else:
+        checks.append(RuleCheck("2: closes half the P1 gap", None, "frozen does not forget less than plain"))
+    if b_metric_is_success:
+        holds = b_metric_arm >= b_metric_plain - 0.03
+        detail = f"success {b_metric_arm:.3f} vs plain {b_metric_plain:.3f} (within 3 points)"
+    else:
+        holds = b_metric_arm <= 1.05 * b_metric_plain
+        detail = f"validation L1 {b_metric_arm:.4g} vs plain {b_metric_plain:.4g} (within 5%)"
+    checks.append(RuleCheck("3: task B kept", holds, detail))
+    checks.append(
+        RuleCheck(
+            "4: not beaten on P1 and P2 by fixed lambda / L2-SP",
+            not beaten_by,
+            "beaten by " + ", ".join(beaten_by) if beaten_by else "no simpler arm is better on both",
+        )
+    )
+    return checks

@@ -1,0 +1,159 @@
+"""The forgetting-study driver (experiments/forgetting_study.py) and its statistics (experiments/study_stats.py).
+
+References: the bootstrap CI against the exact bootstrap distribution (all n^n resamples of 4 seeds); the
+decision rules on inputs on both sides of each threshold; every planned arm parsed by finetune.py's own flag
+parser into the intended config; epsilon, the L2-SP pick and the analysis table against numpy on metrics files
+written here; and two real tiny runs launched, skipped when finished, and analyzed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import load_script
+
+from experiments import forgetting_study as study
+from experiments.study_stats import PairedDifference, craft_rules, paired_bootstrap
+
+
+def test_bootstrap_ci_matches_the_exact_bootstrap_distribution():
+    arm = {0: 0.31, 1: 0.12, 2: 0.55, 3: 0.20}
+    ref = {0: 0.10, 1: 0.05, 2: 0.20, 3: 0.18, 9: 1.0}  # seed 9 has no partner: ignored
+    diff = np.array([arm[s] - ref[s] for s in range(4)])
+    exact = np.sort([diff[list(idx)].mean() for idx in itertools.product(range(4), repeat=4)])  # 256 resamples
+    got = paired_bootstrap(arm, ref, resamples=200_000, seed=1)
+    assert got.n == 4
+    assert got.mean == pytest.approx(diff.mean(), rel=1e-12)
+    # the Monte-Carlo percentiles sit where the exact distribution puts 2.5% and 97.5% of its mass (+-1.5%)
+    assert np.quantile(exact, 0.01) <= got.low <= np.quantile(exact, 0.04)
+    assert np.quantile(exact, 0.96) <= got.high <= np.quantile(exact, 0.99)
+
+
+def test_pairing_removes_the_between_seed_spread():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 1.0, size=8)  # what each seed does to both arms
+    ref = dict(enumerate(base))
+    arm = {s: v + 0.1 + rng.normal(0, 0.01) for s, v in ref.items()}
+    got = paired_bootstrap(arm, ref)
+    assert got.excludes_zero()
+    assert got.high - got.low < 0.05  # unpaired, the spread of 1.0 would make it ~1.4 wide
+    with pytest.raises(ValueError, match="no seed in common"):
+        paired_bootstrap({1: 0.0}, {2: 0.0})
+
+
+def _rules(**overrides):
+    kwargs = dict(
+        epsilon=0.1, final_retention=[0.11, 0.12, 0.10], p1_improvement=PairedDifference(0.06, 0.02, 0.1, 5),
+        p1_gap_plain_minus_frozen=0.1, b_metric_arm=0.104, b_metric_plain=0.1, b_metric_is_success=False,
+        beaten_by=[],
+    )  # fmt: skip
+    return [c.holds for c in craft_rules(**(kwargs | overrides))]
+
+
+def test_decision_rules_flip_at_their_thresholds():
+    assert _rules() == [True, True, True, True]
+    assert _rules(final_retention=[0.13, 0.125, 0.2])[0] is False  # median 0.13 > 1.2 x 0.1
+    assert _rules(p1_improvement=PairedDifference(0.04, 0.01, 0.1, 5))[1] is False  # < half of the 0.1 gap
+    assert _rules(p1_improvement=PairedDifference(0.06, -0.01, 0.1, 5))[1] is False  # CI includes 0
+    assert _rules(p1_gap_plain_minus_frozen=-0.01)[1] is None  # frozen forgets more: not decidable
+    assert _rules(b_metric_arm=0.106)[2] is False  # L1 more than 5% worse
+    assert _rules(b_metric_is_success=True, b_metric_arm=0.6, b_metric_plain=0.62)[2] is True
+    assert _rules(b_metric_is_success=True, b_metric_arm=0.58, b_metric_plain=0.62)[2] is False
+    assert _rules(beaten_by=["fixed_lambda_1"])[3] is False
+
+
+def _args(out: Path, base: Path, *extra: str):
+    return study.parse_args(["plan", "--out", str(out), "--base", str(base), "--device", "cpu", *extra])
+
+
+def test_every_planned_arm_parses_into_the_intended_config(tiny_base: Path, tmp_path: Path):
+    finetune = load_script("finetune")
+    runs = study.cmd_plan(_args(tmp_path, tiny_base, "--seeds", "0", "1"))
+    assert len(runs) == 2 * len(study.phase1_arms())
+    configs = {r["arm"]: finetune.parse_flags(r["argv"]) for r in runs if r["seed"] == 1}
+    assert all(c.seed == 1 and c.val_freq == 750 and c.save_freq == 750 for c in configs.values())
+    plain = configs["plain"]
+    assert plain.use_lora
+    assert plain.use_craft
+    assert plain.craft_lambda_max == 0
+    assert not plain.craft_enable_projection
+    assert configs["frozen"].freeze_vlm
+    assert not configs["frozen"].use_lora
+    assert not configs["frozen"].use_craft
+    assert configs["cotrain"].cotrain_fraction == 0.2
+    assert configs["l2sp_0.01"].l2sp_weight == 0.01
+    fixed = configs["fixed_lambda_3"]
+    assert (fixed.craft_retention_weight, fixed.craft_dual_lr, fixed.craft_enable_projection) == (3.0, 0.0, False)
+    with pytest.raises(SystemExit, match="exists"):
+        study.cmd_plan(_args(tmp_path, tiny_base))
+    with pytest.raises(SystemExit, match="epsilon.json"):
+        study.cmd_plan(_args(tmp_path, tiny_base, "--phase", "2"))
+    (tmp_path / "epsilon.json").write_text(json.dumps({"epsilon": {"0.25": 0.02, "0.5": 0.04}}))
+    phase2 = study.cmd_plan(_args(tmp_path, tiny_base, "--phase", "2", "--seeds", "0"))
+    configs = {r["arm"]: finetune.parse_flags(r["argv"]) for r in phase2}
+    assert configs["craft@0.5"].craft_retention_budget == 0.04
+    assert configs["craft_gate@0.25"].craft_projection_gate_rho == 0.5
+    assert configs["proj_only@0.25"].craft_lambda_max == 0
+    assert configs["proj_only@0.25"].craft_enable_projection
+    assert not configs["dual_only@0.5"].craft_enable_projection
+    assert configs["aq_only@0.5"].craft_feature_variant == "aq_only"
+
+
+def _write_run(out: Path, run_id: str, steps: int, final: dict) -> None:
+    run_dir = out / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    rows = [{"step": steps // 2, "train/loss": 1.0}, {"step": steps, **final}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_epsilon_and_analysis_from_metrics_files(tiny_base: Path, tmp_path: Path):
+    arms = ["plain", "frozen", "l2sp_0.001", "l2sp_0.01", "l2sp_0.1", "fixed_lambda_1"]
+    runs = study.cmd_plan(_args(tmp_path, tiny_base, "--seeds", "0", "1", "2", "--steps", "8", "--arms", *arms))
+    rng = np.random.default_rng(0)
+    truth = {}
+    l1 = {"plain": 0.10, "frozen": 0.2, "l2sp_0.001": 0.101, "l2sp_0.01": 0.104, "l2sp_0.1": 0.2, "fixed_lambda_1": 0.3}
+    for r in runs:
+        final = {"val/loss": l1[r["arm"]] + 0.001 * r["seed"], "val/retention_loss": float(rng.uniform(0.01, 0.05)),
+                 "val/task_a_not_needed": float(rng.uniform(0.4, 0.9)), "val/task_a_needed": 0.8}  # fmt: skip
+        truth[(r["arm"], r["seed"])] = final
+        _write_run(tmp_path, r["run_id"], 8, final)
+    with pytest.raises(SystemExit, match="start.json"):
+        study.cmd_analyze(study.parse_args(["analyze", "--out", str(tmp_path)]))
+    eps = study.cmd_epsilon(study.parse_args(["epsilon", "--out", str(tmp_path)]))
+    plain_ret = np.median([truth[("plain", s)]["val/retention_loss"] for s in range(3)])
+    assert eps["epsilon"]["0.25"] == pytest.approx(0.25 * plain_ret, rel=1e-12)
+    assert eps["l2sp_weight"] == "0.01"  # 0.104 + seed noise stays within 1.05 x plain's 0.101; 0.2 does not
+    with pytest.raises(SystemExit, match="fixed once"):
+        study.cmd_epsilon(study.parse_args(["epsilon", "--out", str(tmp_path)]))
+
+    (tmp_path / "start.json").write_text(json.dumps({"val/task_a_not_needed": 0.95, "val/task_a_needed": 0.9}))
+    result = study.cmd_analyze(study.parse_args(["analyze", "--out", str(tmp_path)]))
+    for arm in arms:
+        p1 = [0.95 - truth[(arm, s)]["val/task_a_not_needed"] for s in range(3)]
+        assert result["arms"][arm]["p1"] == pytest.approx(np.mean(p1), rel=1e-12)
+    imp = result["arms"]["frozen"]["p1_improvement_vs_plain"]
+    want = np.mean([truth[("frozen", s)]["val/task_a_not_needed"] - truth[("plain", s)]["val/task_a_not_needed"]
+                    for s in range(3)])  # fmt: skip
+    assert imp["mean"] == pytest.approx(want, rel=1e-12)
+    assert (tmp_path / "results.md").read_text().count("| ") > 6
+
+
+def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: Path):
+    common = ["--out", str(tmp_path), "--device", "cpu", "--task_a_questions", "8"]
+    small = ["--steps", "2", "--batch_size", "2", "--episodes", "6", "--val_batches", "1", "--lora_rank", "4"]
+    study.cmd_plan(study.parse_args(["plan", "--base", str(tiny_base), "--seeds", "0", "--arms", "plain", "frozen",
+                                     *common, *small]))  # fmt: skip
+    codes = study.cmd_run(study.parse_args(["run", "--parallel", "2", *common]))
+    assert codes == {"plain--s0": 0, "frozen--s0": 0}
+    rows = study.read_metrics(tmp_path / "runs" / "plain--s0")
+    assert rows[-1]["step"] == 2
+    assert "val/retention_loss" in rows[-1]  # the monitor reports L_ret for plain
+    assert "val/task_a_not_needed" in rows[-1]
+    assert study.cmd_run(study.parse_args(["run", *common])) == {}  # finished: nothing to do
+    study.cmd_start(study.parse_args(["start", "--base", str(tiny_base), *common]))
+    result = study.cmd_analyze(study.parse_args(["analyze", *common]))
+    assert set(result["arms"]) == {"plain", "frozen"}
