@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from prismatic.extern.hf.configuration_prismatic import OpenVLAConfig, PrismaticConfig
+from prismatic.training.craft_utils import resolve_anchor_layer
 from prismatic.vla.constants import (
     ACTION_TOKEN_BEGIN_IDX,
     IGNORE_INDEX,
@@ -357,10 +358,11 @@ class PrismaticForConditionalGeneration(PrismaticPreTrainedModel):
         anchor_layer: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """C_R = hidden[anchor][:, 1:1+P] [B, P, D]; C_AQ = hidden[-1] at the read-out positions [B, 64, D]."""
-        n = len(hidden_states)
-        anchor = n // 2 if anchor_layer is None else anchor_layer
-        if not -n <= anchor < n:
-            raise ValueError(f"craft_anchor_layer={anchor_layer} is out of range for {n} hidden states")
+        try:
+            anchor = resolve_anchor_layer(anchor_layer, len(hidden_states))  # the one rule (craft_utils.py)
+        except ValueError as err:  # name the forward() argument the caller passed
+            n = len(hidden_states)
+            raise ValueError(f"craft_anchor_layer={anchor_layer} is out of range for {n} hidden states") from err
         if positions is None:
             raise ValueError("output_craft_features needs action slots: pass labels or action_slot_mask")
         if num_patches == 0:
