@@ -6,6 +6,7 @@
     python experiments/forgetting_study.py epsilon --out study          # plain's held-out L_ret -> epsilon, L2-SP pick
     python experiments/forgetting_study.py plan    --base <task-A base> --out study --phase 2 --seeds 0 1 2 3 4
     python experiments/forgetting_study.py run     --out study --phase 2 --parallel 4
+    python experiments/forgetting_study.py closed_loop --out study --trials 5   # P2: synthetic-suite success (CPU)
     python experiments/forgetting_study.py analyze --out study          # results.json, results.md, results.png
 
 Phase 1 holds every arm that does not depend on epsilon (plain, frozen, cotrain, L2-SP at several strengths,
@@ -14,7 +15,9 @@ any task-A number is looked at (``epsilon`` reads only L_ret and task-B validati
 run with a CRaFT *monitor* (lambda pinned at 0, no projection: the update is plain's) so that every arm reports
 the same held-out L_ret. Every run is an ordinary ``vla-scripts/finetune.py`` process; metrics are read back from
 its ``metrics.jsonl`` (validation at 25%, 50% and 100% of training, with task-A accuracy per question type).
-A rerun of ``run`` skips finished runs, resumes interrupted ones from their last checkpoint and restarts runs that
+P2 is task-B closed-loop success when ``closed_loop`` has evaluated every finished run's final checkpoint and
+some arm reaches 20% (docs/STUDY.md section 4), else task-B validation L1 (the report says which). A rerun of
+``run`` skips finished runs, resumes interrupted ones from their last checkpoint and restarts runs that
 never saved one (the old dir is moved aside by ``--overwrite``, nothing is deleted).
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -242,6 +246,33 @@ def cmd_start(args: argparse.Namespace) -> dict:
     return values
 
 
+def final_checkpoint(out: Path, run: dict) -> Path:
+    return out / "runs" / run["run_id"] / f"{run['run_id']}--{run['max_steps']}_chkpt"
+
+
+def cmd_closed_loop(args: argparse.Namespace) -> dict[str, float]:
+    """Synthetic-suite success of every finished run's final checkpoint (resumable: the eval skips done episodes)."""
+    out = Path(args.out)
+    path = out / "closed_loop.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    for run in finished_runs(out, 1) + finished_runs(out, 2):
+        if run["run_id"] in results and results[run["run_id"]]["trials_per_task"] >= args.trials:
+            continue
+        run_dir = out / "eval" / run["run_id"]
+        cmd = [sys.executable, str(REPO / "experiments" / "robot" / "libero" / "run_libero_eval.py"),
+               "--pretrained_checkpoint", str(final_checkpoint(out, run)), "--task_suite_name", "synthetic",
+               "--unnorm_key", "synthetic_no_noops", "--center_crop", "False",
+               "--num_trials_per_task", str(args.trials), "--device", args.device, "--run_dir", str(run_dir),
+               "--save_videos", "none", *shlex.split(args.eval_flags)]  # fmt: skip
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        total = json.loads((run_dir / "summary.json").read_text())["results"]["total"]
+        results[run["run_id"]] = {"success": total["success_rate"], "episodes": total["episodes"],
+                                  "trials_per_task": args.trials}  # fmt: skip
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"{run['run_id']}: {total['successes']}/{total['episodes']}", flush=True)
+    return results
+
+
 def cmd_analyze(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     start_file = out / "start.json"
@@ -249,6 +280,7 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{start_file} is missing: run `start` first (P1 is start minus fine-tuned accuracy)")
     start = json.loads(start_file.read_text())
     runs = finished_runs(out, 1) + finished_runs(out, 2)
+    closed = json.loads((out / "closed_loop.json").read_text()) if (out / "closed_loop.json").is_file() else {}
     by_arm: dict[str, dict[int, dict]] = {}
     for r in runs:
         f = r["final"]
@@ -257,13 +289,15 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
             "needed_drop": start["val/task_a_needed"] - f["val/task_a_needed"],
             "val_l1": f["val/loss"],
             "retention": f.get("val/retention_loss", float("nan")),
+            "success": closed[r["run_id"]]["success"] if r["run_id"] in closed else float("nan"),
         }
     if "plain" not in by_arm:
         raise SystemExit("no finished plain run: every comparison is against plain")
     plain = by_arm["plain"]
     table = {}
     for arm, seeds in sorted(by_arm.items()):
-        row = {k: float(np.mean([s[k] for s in seeds.values()])) for k in ("p1", "needed_drop", "val_l1", "retention")}
+        keys = ("p1", "needed_drop", "val_l1", "retention", "success")
+        row = {k: float(np.mean([s[k] for s in seeds.values()])) for k in keys}
         row["seeds"] = sorted(seeds)
         if arm != "plain":
             improvement = paired_bootstrap({s: plain[s]["p1"] for s in plain}, {s: v["p1"] for s, v in seeds.items()})
@@ -271,6 +305,12 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
             l1 = paired_bootstrap({s: v["val_l1"] for s, v in seeds.items()}, {s: plain[s]["val_l1"] for s in plain})
             row["val_l1_minus_plain"] = l1.__dict__
         table[arm] = row
+    # P2: closed-loop success if every run has it and some arm reaches 20%, else validation L1 (docs/STUDY.md)
+    use_success = (
+        all(np.isfinite(r["success"]) for r in table.values()) and max(r["success"] for r in table.values()) >= 0.2
+    )
+    b_key = "success" if use_success else "val_l1"
+    better = (lambda a, b: a > b) if use_success else (lambda a, b: a < b)
     eps_file = out / "epsilon.json"
     verdicts = {}
     if eps_file.is_file() and "frozen" in table:
@@ -281,7 +321,7 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
             if "@" not in arm:
                 continue
             label = arm.split("@")[1]
-            beaten = [a for a in simpler if table[a]["p1"] < row["p1"] and table[a]["val_l1"] < row["val_l1"]]
+            beaten = [a for a in simpler if table[a]["p1"] < row["p1"] and better(table[a][b_key], row[b_key])]
             checks = craft_rules(
                 epsilon=eps["epsilon"][label],
                 final_retention=[v["retention"] for v in by_arm[arm].values()],
@@ -289,13 +329,13 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
                     {s: plain[s]["p1"] for s in plain}, {s: v["p1"] for s, v in by_arm[arm].items()}
                 ),  # fmt: skip
                 p1_gap_plain_minus_frozen=gap,
-                b_metric_arm=row["val_l1"],
-                b_metric_plain=table["plain"]["val_l1"],
-                b_metric_is_success=False,
+                b_metric_arm=row[b_key],
+                b_metric_plain=table["plain"][b_key],
+                b_metric_is_success=use_success,
                 beaten_by=beaten,
             )
             verdicts[arm] = {"works": all(c.holds for c in checks), "checks": [c.__dict__ for c in checks]}
-    result = {"start": start, "arms": table, "verdicts": verdicts,
+    result = {"start": start, "arms": table, "verdicts": verdicts, "p2": b_key,
               "uninformative": table["plain"]["p1"] < 0.03}  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown(result))
@@ -308,14 +348,16 @@ def results_markdown(result: dict) -> str:
     lines = ["# Forgetting study: results", "",
              "P1 = start minus fine-tuned task-A accuracy on the question types task B does not need (lower: less "
              "forgetting); improvement = plain's P1 minus the arm's, paired over seeds, percentile bootstrap 95% CI. "
-             "Task B: validation L1 (normalised actions, lower is better).", "",
-             "| arm | seeds | P1 drop | needed-skill drop | val L1 | held-out L_ret | P1 improvement vs plain (CI) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             f"P2 (task B) is judged by {result['p2']} (closed-loop success if every run was evaluated and some "
+             "arm reached 20%, else validation L1 of normalised actions, lower is better).", "",
+             "| arm | seeds | P1 drop | needed-skill drop | val L1 | success | held-out L_ret "
+             "| P1 improvement vs plain (CI) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for arm, row in result["arms"].items():
         imp = row.get("p1_improvement_vs_plain")
         ci = f"{imp['mean']:+.3f} ({imp['low']:+.3f}..{imp['high']:+.3f})" if imp else "-"
         lines.append(f"| {arm} | {len(row['seeds'])} | {row['p1']:.3f} | {row['needed_drop']:.3f} | "
-                     f"{row['val_l1']:.4f} | {row['retention']:.4g} | {ci} |")  # fmt: skip
+                     f"{row['val_l1']:.4f} | {row['success']:.3f} | {row['retention']:.4g} | {ci} |")  # fmt: skip
     if result["uninformative"]:
         lines += ["", "**Uninformative**: plain forgets fewer than 3 points on P1 (docs/STUDY.md section 6)."]
     for arm, v in result["verdicts"].items():
@@ -346,7 +388,7 @@ def plot_results(table: dict, path: Path) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=("start", "plan", "run", "epsilon", "analyze"))
+    p.add_argument("command", choices=("start", "plan", "run", "epsilon", "closed_loop", "analyze"))
     p.add_argument("--out", required=True, help="study dir: plans, runs/, logs/, epsilon.json, results")
     p.add_argument("--base", help="task-A base run dir (pretrain_synthetic_vlm.py's <out>/base)")
     p.add_argument("--phase", type=int, choices=(1, 2), default=1)
@@ -363,6 +405,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task_a_seed", type=int, default=0)
     p.add_argument("--device", default="cuda")
     p.add_argument("--parallel", type=int, default=4, help="run: concurrent finetune.py processes")
+    p.add_argument("--trials", type=int, default=5, help="closed_loop: episodes per synthetic task (8 tasks)")
+    p.add_argument("--eval_flags", default="", help='closed_loop: extra run_libero_eval.py flags, e.g. "--max_steps 5"')
     args = p.parse_args(argv)
     if args.command in ("plan", "start") and not args.base:
         p.error(f"{args.command} needs --base")
@@ -371,9 +415,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> object:
     args = parse_args(argv)
-    return {"start": cmd_start, "plan": cmd_plan, "run": cmd_run, "epsilon": cmd_epsilon, "analyze": cmd_analyze}[
-        args.command
-    ](args)
+    commands = {"start": cmd_start, "plan": cmd_plan, "run": cmd_run, "epsilon": cmd_epsilon,
+                "closed_loop": cmd_closed_loop, "analyze": cmd_analyze}  # fmt: skip
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

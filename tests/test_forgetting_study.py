@@ -3,7 +3,7 @@
 References: the bootstrap CI against the exact bootstrap distribution (all n^n resamples of 4 seeds); the
 decision rules on inputs on both sides of each threshold; every planned arm parsed by finetune.py's own flag
 parser into the intended config; epsilon, the L2-SP pick and the analysis table against numpy on metrics files
-written here; and two real tiny runs launched, skipped when finished, and analyzed.
+written here; and two real tiny runs launched, skipped when finished, evaluated closed loop and analyzed.
 """
 
 from __future__ import annotations
@@ -155,5 +155,13 @@ def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: P
     assert "val/task_a_not_needed" in rows[-1]
     assert study.cmd_run(study.parse_args(["run", *common])) == {}  # finished: nothing to do
     study.cmd_start(study.parse_args(["start", "--base", str(tiny_base), *common]))
+    # P2: each final checkpoint through the closed-loop runner (one short synthetic episode each)
+    closed = study.cmd_closed_loop(
+        study.parse_args(["closed_loop", "--trials", "1", "--eval_flags", "--max_steps 3 --task_ids [0]", *common])
+    )
+    assert set(closed) == {"plain--s0", "frozen--s0"}
+    assert all(c["episodes"] == 1 and c["success"] in (0.0, 1.0) for c in closed.values())
     result = study.cmd_analyze(study.parse_args(["analyze", *common]))
     assert set(result["arms"]) == {"plain", "frozen"}
+    assert result["arms"]["plain"]["success"] == closed["plain--s0"]["success"]
+    assert result["p2"] == ("success" if max(c["success"] for c in closed.values()) >= 0.2 else "val_l1")
