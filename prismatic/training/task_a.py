@@ -6,7 +6,8 @@ on task B and asks what of A survives. Two things need task A during fine-tuning
 * **Co-training** (``--cotrain_fraction f``): a share f of every micro-batch's samples are task-A questions, trained
   with the LM loss on their one-token answers, as mixed-data co-training does. The step's loss is the sample-weighted
   mean of the two per-sample means, ``(1 - w) L_act + w L_A`` with ``w = n_A / (n_A + n_B)``; the logged
-  ``loss`` stays L_act, so every arm reports the same action metric.
+  ``loss`` stays L_act, so every arm reports the same action metric. The LM head stays frozen (tied to the
+  token embedding, which pretraining keeps at its seeded values); the answer loss trains the VLM beneath it.
 * **Task-A accuracy in validation** (``--task_a_val_questions N``): accuracy per question type on N held-out
   questions at every validation step (``val/task_a/<type>``), so forgetting is seen over training, not only at the end.
 
