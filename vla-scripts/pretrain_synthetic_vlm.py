@@ -35,7 +35,6 @@ import argparse
 import hashlib
 import json
 import math
-import multiprocessing
 import subprocess
 import sys
 import time
@@ -58,8 +57,9 @@ from prismatic.training.vqa import (  # noqa: E402
     answer_logits,
     answer_loss,
     evaluate_answers,
+    render_training_scenes,
 )
-from prismatic.vla.datasets.synthetic_vqa import draw_question, make_example, render_scene, scene_rng  # noqa: E402
+from prismatic.vla.datasets.synthetic_vqa import draw_question, make_example  # noqa: E402
 from prismatic.vla.datasets.torch_source import resize_uint8  # noqa: E402
 from prismatic.vla.tokenizer import load_qwen_tokenizer  # noqa: E402
 
@@ -93,30 +93,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="scene rendering processes")
     return p.parse_args(argv)
-
-
-def _render_train_scene(job: tuple[int, int]) -> tuple[np.ndarray, tuple]:
-    seed, index = job
-    image, objects = render_scene(scene_rng(seed, index, "train"))
-    return resize_uint8(image[None], IMAGE_SIZE)[0].numpy(), objects
-
-
-def _one_thread() -> None:
-    # Each worker resizes with torch; with torch's default of one thread per core in every worker, 16 workers on
-    # 16 cores ran ~250x slower than one thread each (0.8 s instead of 3 ms per scene on an H100 host).
-    torch.set_num_threads(1)
-
-
-def render_training_scenes(seed: int, count: int, workers: int) -> tuple[torch.Tensor, list[tuple]]:
-    """uint8 [count, 224, 224, 3] and each scene's objects; scene i depends only on (seed, i)."""
-    jobs = [(seed, i) for i in range(count)]
-    desc = "rendering task-A scenes"
-    if workers > 1:
-        with multiprocessing.get_context("spawn").Pool(workers, initializer=_one_thread) as pool:
-            out = list(tqdm(pool.imap(_render_train_scene, jobs, chunksize=64), total=count, desc=desc))
-    else:
-        out = [_render_train_scene(job) for job in tqdm(jobs, desc=desc)]
-    return torch.from_numpy(np.stack([img for img, _ in out])), [objects for _, objects in out]
 
 
 def weights_sha256(state: dict[str, torch.Tensor], keys: Sequence[str] | None = None) -> str:

@@ -24,13 +24,18 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from prismatic.training.vqa import QuestionEncoder, answer_logits, answer_loss, evaluate_answers, vlm_pixels
-from prismatic.vla.datasets.synthetic_vqa import draw_question, make_example, render_scene, scene_rng
+from prismatic.training.vqa import (
+    IMAGE_SIZE,
+    QuestionEncoder,
+    answer_logits,
+    answer_loss,
+    evaluate_answers,
+    render_training_scenes,
+    vlm_pixels,
+)
+from prismatic.vla.datasets.synthetic_vqa import draw_question, make_example
 from prismatic.vla.datasets.torch_source import resize_uint8
-
-IMAGE_SIZE = 224
 
 
 def cotrain_batch_size(action_batch_size: int, fraction: float) -> int:
@@ -60,13 +65,7 @@ class TaskACoTraining:
         self.batch_size = cotrain_batch_size(action_batch_size, fraction)
         self.weight = self.batch_size / (self.batch_size + action_batch_size)
         self.question_seed, self.rank = question_seed, rank
-        images, objects = [], []
-        for i in tqdm(range(num_scenes), desc="rendering task-A scenes", disable=not show_progress):
-            image, objs = render_scene(scene_rng(scene_seed, i, "train"))
-            images.append(image)
-            objects.append(objs)
-        self.images = resize_uint8(np.stack(images), IMAGE_SIZE)  # uint8 [N, 224, 224, 3], resized once
-        self.objects = objects
+        self.images, self.objects = render_training_scenes(scene_seed, num_scenes, show_progress=show_progress)
 
     def questions(self, step_index: int, micro_index: int) -> tuple[torch.Tensor, list[str], list[str]]:
         """Scene indices, questions and answers of one micro-batch; a pure function of its coordinates."""
