@@ -30,6 +30,10 @@ def test_round_trip_is_exact_and_references_are_left_out(tiny_base: Path, tmp_pa
     embedding_key = next(k for k in groups["llm_backbone"] if k.endswith("embed_tokens.weight"))
     embedding = groups["llm_backbone"][embedding_key]
     save_file({"w": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)}, str(src / "extra.safetensors"), {"a": "b"})
+    # What a CUDA LoRA run saves of the tied lm_head: the frozen embedding after its bf16 cast, back in float32.
+    rounded = embedding.to(torch.bfloat16).float()
+    assert not torch.equal(rounded, embedding)
+    save_file({"lm_head": rounded}, str(src / "adapter.safetensors"))
     (src / "training_state").mkdir()
     torch.save({"optimizer": torch.ones(3)}, src / "training_state" / "state.pt")
     ref = tmp_path / "ref.pt"
@@ -39,6 +43,9 @@ def test_round_trip_is_exact_and_references_are_left_out(tiny_base: Path, tmp_pa
     with_ref = pack_checkpoint.pack(src, tmp_path / "ref" / "ck", [ref])
     size = lambda parts: sum(p.stat().st_size for p in parts)
     assert size(plain) - size(with_ref) > 0.5 * embedding.numel() * embedding.element_size()  # fp32 noise: <20% zlib
+    refs = pack_checkpoint.load_references([ref])
+    assert pack_checkpoint._encode(rounded, refs)[0] == "ref"  # the bf16 rounding travels as a reference too
+    assert pack_checkpoint._encode(rounded + 1, refs)[0] == "data"
 
     dst = tmp_path / "dst"
     assert pack_checkpoint.unpack(tmp_path / "ref" / "ck", dst, [ref])
