@@ -13,6 +13,8 @@
 #
 #   OUT=... PLIMIT=200 PSTEPS=4000 RUNS="L:5e-4:64:2000:2:random:1" EPISODES=400 SAVE_EVERY=400 VAL_FREQ=200 \
 #     DEADLINE=540 bash experiments/task_a_gpu_pipeline.sh       # RUNS=none: pretraining only
+# BASE_PACK=<prefix> skips pretraining: the base comes from an earlier call's base.partNN (carried in), and only
+# arms come back (as many as fit, best held-out x/y L1 first).
 # PLIMIT: seconds of pretraining steps (--time_limit_s); DEADLINE: seconds after start at which the arms are
 # stopped (their newest checkpoint is used). Draccus and its pure-Python deps come from .whl/*.whl when the image
 # lacks them (tools/device README). A scene-rendering pool with torch's default threads ran 250x slower on a
@@ -29,13 +31,19 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 WANDB_MOD
 S=/tmp/small; mkdir -p "$S" "$OUT"
 { date -u; nvidia-smi -L; git rev-parse HEAD; python3 -c "import torch; print(torch.__version__)"; nproc; } \
   > "$S/env.txt" 2>&1
-timeout $((PLIMIT + 150)) python3 vla-scripts/pretrain_synthetic_vlm.py --output_dir /tmp/vlmA --steps "$PSTEPS" \
-  --time_limit_s "$PLIMIT" ${PARGS:-} > "$S/pretrain.log" 2>&1
-echo "pretraining rc=$? at $(el)s" >> "$S/timeline.txt"
-cp /tmp/vlmA/pretrain_report.json /tmp/vlmA/curves.jsonl /tmp/vlmA/curves.png "$S/" 2>/dev/null
 python3 vla-scripts/pack_checkpoint.py seeded-embedding /tmp/ref.pt ${REFARGS:-} >> "$S/pack.log" 2>&1
-python3 vla-scripts/pack_checkpoint.py pack /tmp/vlmA/base "$OUT/base" --ref /tmp/ref.pt >> "$S/pack.log" 2>&1
-echo "base packed at $(el)s" >> "$S/timeline.txt"
+if [ -n "${BASE_PACK:-}" ]; then
+  python3 vla-scripts/pack_checkpoint.py unpack "$BASE_PACK" /tmp/vlmA/base --ref /tmp/ref.pt >> "$S/pack.log" 2>&1 \
+    || exit 1
+  echo "base unpacked from $BASE_PACK at $(el)s" >> "$S/timeline.txt"
+else
+  timeout $((PLIMIT + 150)) python3 vla-scripts/pretrain_synthetic_vlm.py --output_dir /tmp/vlmA --steps "$PSTEPS" \
+    --time_limit_s "$PLIMIT" ${PARGS:-} > "$S/pretrain.log" 2>&1
+  echo "pretraining rc=$? at $(el)s" >> "$S/timeline.txt"
+  cp /tmp/vlmA/pretrain_report.json /tmp/vlmA/curves.jsonl /tmp/vlmA/curves.png "$S/" 2>/dev/null
+  python3 vla-scripts/pack_checkpoint.py pack /tmp/vlmA/base "$OUT/base" --ref /tmp/ref.pt >> "$S/pack.log" 2>&1
+  echo "base packed at $(el)s" >> "$S/timeline.txt"
+fi
 if [ "$RUNS" != none ]; then
   setsid env BASE=/tmp/vlmA/base OUT=/tmp/cl RUNS="$RUNS" EPISODES="$EPISODES" SAVE_EVERY="$SAVE_EVERY" \
     VAL_FREQ="$VAL_FREQ" bash experiments/synthetic_closed_loop_gpu.sh > "$S/arms.log" 2>&1 &
@@ -62,14 +70,13 @@ for arm, (xy, step, ckpt) in sorted(arms.items(), key=lambda kv: kv[1][0]):
     refs = ["/tmp/ref.pt", *glob.glob("/tmp/vlmA/base/checkpoints/*.pt")]
     subprocess.run(["python3", "vla-scripts/pack_checkpoint.py", "pack", ckpt, f"/tmp/pk_{arm}/ck", "--ref", *refs], check=True)
     mib = size(f"/tmp/pk_{arm}/ck.part*")
-    print(f"{arm}: {mib:.1f} MiB next to the base's {size(out + '/base.part*'):.1f}")
-    if mib + size(out + "/base.part*") < 60:
+    print(f"{arm}: {mib:.1f} MiB next to {size(out + '/*.part*'):.1f} MiB already brought back")
+    if mib + size(out + "/*.part*") < 60:
         for p in glob.glob(f"/tmp/pk_{arm}/ck.part*"):
             os.rename(p, f"{out}/ck_{arm}.{p.rsplit('.', 1)[1]}")
         print("brought back", arm)
-        break
 PY
 fi
 echo "done at $(el)s" >> "$S/timeline.txt"
 tar czf "$OUT/small.tgz" -C /tmp small
-cat "$S/timeline.txt" "$S/select.txt" 2>/dev/null; grep -v "rendering" "$S/pretrain.log" | tail -3
+cat "$S/timeline.txt" "$S/select.txt" 2>/dev/null; [ -f "$S/pretrain.log" ] && grep -v "rendering" "$S/pretrain.log" | tail -3
