@@ -691,13 +691,62 @@ def _check_tied_lm_head_lora_is_zero(peft_model: nn.Module) -> None:
             )
 
 
-def merge_lora(peft_model: nn.Module) -> OpenVLAForActionPrediction:
-    """``merge_and_unload`` after checking that the tied lm_head's LoRA is zero (as in upstream training)."""
-    _check_tied_lm_head_lora_is_zero(peft_model)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")  # the case checked just above
-        merged = peft_model.merge_and_unload()
+def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, layer) of every LoRA-wrapped layer with active adapters."""
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer") and module.active_adapters:
+            yield name, module
+
+
+@torch.no_grad()
+def merged_lora_weight(layer: nn.Module, device: torch.device | str) -> torch.Tensor:
+    """The one LoRA merge: ``W + scale * B @ A`` summed over the layer's active adapters, formed in fp32 on
+    ``device`` and returned there in W's dtype (a Conv2d's A is a conv with the base kernel, its B a 1x1 conv:
+    the delta is ``B.flatten(1) @ A.flatten(1)`` in W's shape). The layer is not changed."""
+    base_weight = layer.base_layer.weight
+    w = base_weight.detach().to(device, torch.float32, copy=True)
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A:
+            continue
+        a = layer.lora_A[adapter].weight.detach().to(device, torch.float32)
+        b = layer.lora_B[adapter].weight.detach().to(device, torch.float32)
+        delta = b.flatten(1) @ a.flatten(1) if w.dim() == 4 else b @ a
+        w = w + layer.scaling[adapter] * delta.view_as(w)
+    return w.to(base_weight.dtype)
+
+
+@torch.no_grad()
+def merged_state_dict(peft_vla: nn.Module, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The VLA's state dict with every LoRA delta folded in (:func:`merged_lora_weight`), one layer at a time;
+    the model is not changed.
+
+    Needs no second model copy on the accelerator: each merged weight is formed on ``device`` (CPU by
+    default) from the base weight and its adapter, then kept there. The tied LM head is left out, as HF does.
+    """
+    base = base_model(peft_vla)
+    merged = {
+        name.replace(".base_layer.", "."): tensor.detach().to(device, copy=True)
+        for name, tensor in base.state_dict().items()
+        if ".lora_" not in name
+    }
+    for name, layer in _lora_layers(base):
+        merged[f"{name}.weight"] = merged_lora_weight(layer, device)
+    if base.config.text_config.tie_word_embeddings:
+        merged.pop("language_model.lm_head.weight", None)
     return merged
+
+
+@torch.no_grad()
+def merge_lora(peft_model: nn.Module) -> OpenVLAForActionPrediction:
+    """Fold the adapters into the base weights in place (:func:`merged_lora_weight`) and return the plain model,
+    after checking that the tied lm_head's LoRA is zero (as in upstream training)."""
+    _check_tied_lm_head_lora_is_zero(peft_model)
+    for _, layer in list(_lora_layers(peft_model)):
+        weight = layer.base_layer.weight
+        weight.copy_(merged_lora_weight(layer, weight.device))  # in place: a tied lm_head stays tied
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")  # the case checked above
+        return peft_model.unload()  # the LoRA wrappers go; nothing is merged a second time
 
 
 # ----------------------------------------------------------------------------------------------------------------

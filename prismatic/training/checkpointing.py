@@ -37,6 +37,7 @@ from prismatic.models.checkpoints import (
     find_component_file,
     load_action_queries,
     load_component_state_dict,
+    merged_state_dict,
     read_safetensors,
     save_policy_components,
     write_dataset_statistics,
@@ -63,44 +64,6 @@ def step_tag(step: int, latest_only: bool) -> str:
 
 
 # ------------------------------------------------------------------------------------------- merge -------
-@torch.no_grad()
-def merged_state_dict(peft_vla: PeftModel, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """The VLA's state dict with every LoRA delta folded in, computed one layer at a time.
-
-    Needs no second model copy on the accelerator: each merged weight is formed on ``device`` (CPU by
-    default) from the base weight and its adapter, then kept there. The tied LM head is left out, as HF does.
-    """
-    base = peft_vla.get_base_model()
-    merged: dict[str, torch.Tensor] = {}
-    lora_layers = {}
-    for name, module in base.named_modules():
-        if hasattr(module, "lora_A") and hasattr(module, "base_layer") and module.active_adapters:
-            lora_layers[name] = module
-    for name, tensor in base.state_dict().items():
-        if ".lora_" in name:
-            continue
-        merged[name.replace(".base_layer.", ".")] = tensor.detach().to(device, copy=True)
-    for name, module in lora_layers.items():
-        weight_key = f"{name}.weight"
-        w = merged[weight_key].float()
-        for adapter in module.active_adapters:
-            if adapter not in module.lora_A:
-                continue
-            a = module.lora_A[adapter].weight.detach().to(device).float()
-            b = module.lora_B[adapter].weight.detach().to(device).float()
-            scale = module.scaling[adapter]
-            if w.dim() == 4:  # Conv2d: A is a conv with the base kernel, B a 1x1 conv
-                delta = (b.flatten(1) @ a.flatten(1)).view_as(w)
-            else:
-                delta = b @ a
-            w = w + scale * delta
-        merged[weight_key] = w.to(merged[weight_key].dtype)
-    tied = base.config.text_config.tie_word_embeddings
-    if tied:
-        merged.pop("language_model.lm_head.weight", None)
-    return merged
-
-
 def save_merged_model(peft_vla: PeftModel, dst: Path) -> None:
     """Write config.json, generation_config.json and a merged model.safetensors into ``dst``."""
     base = peft_vla.get_base_model()
