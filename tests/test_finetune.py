@@ -354,6 +354,7 @@ def test_throughput_has_no_outliers_around_saves_validation_and_the_end(tiny_bas
         assert row["perf/samples_per_s"] * row["perf/step_s"] == pytest.approx(2.0, rel=1e-9)
         assert 0.0 <= row["perf/data_wait_frac"] <= 1.0
     assert "perf/peak_gib" not in rows[0]  # CUDA only
+    assert "perf/mfu" not in rows[0]
 
 
 def test_plot_tool_reads_namespaced_and_older_bare_keys(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from typing import NoReturn
 import draccus
 import torch
 
+from prismatic.models.checkpoints import base_model
 from prismatic.training.checkpointing import CheckpointManager
 from prismatic.training.craft_cache import CachedAnchor
 from prismatic.training.craft_step import CraftStep, OnlineAnchor
@@ -31,6 +32,7 @@ from prismatic.training.distributed import (
     shutdown_distributed,
 )
 from prismatic.training.finetune_config import FinetuneConfig
+from prismatic.training.flops import StepFlops, model_dims, peak_bf16_flops
 from prismatic.training.l2sp import L2SP
 from prismatic.training.lr_schedule import build_scheduler, retarget_scheduler
 from prismatic.training.metrics import MetricsLogger, StepClock
@@ -90,6 +92,25 @@ def build_craft(
         seed = cfg.seed if cfg.use_minivlm else None  # a base VLM's action queries are drawn from --seed
         anchor = CachedAnchor.open(craft_cfg, modules, data, fresh_query_seed=seed)
     return CraftStep(craft_cfg, anchor, sync, num_shared=len(modules.shared_parameters()))
+
+
+def mfu_inputs(cfg: FinetuneConfig, modules: PolicyModules, ctx: DistributedContext) -> tuple[StepFlops, float] | None:
+    """(this rank's model FLOPs per step, the card's peak FLOP/s) for ``perf/mfu``, or None (no ``perf/mfu``):
+    on the CPU, on a card without a listed peak (``flops.PEAK_BF16_FLOPS``), and for set-ups the FLOP model
+    does not describe (no LoRA, frozen VLM, original head blocks, co-training, CRaFT on C_R only)."""
+    if ctx.device.type != "cuda" or not cfg.use_lora or not cfg.use_pro_version or cfg.cotrain_fraction > 0:
+        return None
+    peak = peak_bf16_flops(torch.cuda.get_device_name(ctx.device))
+    if peak is None or (cfg.use_craft and cfg.craft_feature_variant == "raw_only"):
+        return None
+    variant = "plain" if not cfg.use_craft else f"craft_{cfg.craft_anchor_source}"
+    dims = model_dims(
+        base_model(modules.vla).config,
+        num_images=cfg.num_images_in_input,
+        lora_rank=cfg.lora_rank,
+        use_proprio=cfg.use_proprio,
+    )
+    return StepFlops(dims, variant), peak
 
 
 def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
@@ -207,10 +228,11 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
     # Metrics are read one step late: step k's values are fetched (the loop's one host sync) after step k+1 is
     # launched, so the GPU never idles while the host prepares the next batch and launches it. Before a
     # validation pass or a checkpoint the pending step is read first, so both see a checked, finished step.
-    pending: tuple[int, dict] | None = None
+    pending: tuple[int, dict, float | None] | None = None
     clock = StepClock(ctx.device)  # samples/s per step, whenever its metrics are read
+    mfu = mfu_inputs(cfg, modules, ctx)
 
-    def read(step: int, metrics: dict) -> dict[str, float]:
+    def read(step: int, metrics: dict, flops: float | None) -> dict[str, float]:
         """Step ``step``'s metrics on the host (waits for that step on the GPU); stops on a skipped update."""
         values = {k: float(v) for k, v in metrics.items()}
         if values.pop("skipped_update"):  # a non-finite loss or gradient norm
@@ -224,6 +246,8 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
         values["data_wait_frac"] = min(1.0, clock.data_wait(step) / seconds)
         if ctx.device.type == "cuda":
             values["peak_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+        if flops is not None:
+            values["mfu"] = flops / seconds / mfu[1]  # this rank's model FLOPs over its step time and peak
         return values
 
     try:
@@ -235,7 +259,7 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
             clock.end(step)
             if pending is not None:
                 logger.log(pending[0] + 1, read(*pending))
-            pending = (step, metrics)
+            pending = (step, metrics, mfu[0](micro_batches) if mfu is not None else None)
             validate = bool(cfg.val_freq) and (step + 1) % cfg.val_freq == 0
             save = checkpoints.should_save(step + 1, cfg.max_steps)
             if not (validate or save):

@@ -1,9 +1,10 @@
 """Per-step metrics: ``metrics.jsonl`` in the run dir, a tqdm bar, and wandb in any of its three modes.
 
 Keys are namespaced where they are written (:func:`namespaced`): ``train/`` (losses, grad norm, LR), ``perf/``
-(``samples_per_s``, ``step_s``, ``data_wait_frac``, ``peak_gib``), ``craft/`` and ``val/`` (already namespaced
-by the trainer). Only rank 0 writes. Values arrive already averaged over micro-batches and ranks (the trainer
-reduces them in the same collective as the gradients), so every rank could log the same numbers.
+(``samples_per_s``, ``step_s``, ``data_wait_frac``, ``peak_gib``, ``mfu``: the last two on GPUs only),
+``craft/`` and ``val/`` (already namespaced by the trainer). Only rank 0 writes. Values arrive already averaged
+over micro-batches and ranks (the trainer reduces them in the same collective as the gradients), so every rank
+could log the same numbers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-PERF_KEYS = ("samples_per_s", "step_s", "data_wait_frac", "peak_gib")  # logged under perf/
+PERF_KEYS = ("samples_per_s", "step_s", "data_wait_frac", "peak_gib", "mfu")  # logged under perf/
 
 # metric key -> its label on the progress bar (a key missing from a row, e.g. CRaFT's in a plain run, is skipped)
 PROGRESS_LABELS = {
