@@ -1,10 +1,12 @@
 """Training-step benchmark: real ``Trainer.step`` time, memory, MFU and a per-phase breakdown.
 
-What runs is what ``vla-scripts/finetune.py`` wires up: the VLA (random weights from a config.json, DINOv2 +
-SigLIP + Qwen2.5-0.5B), LoRA via ``model_setup.apply_lora`` (FORMAT section 7 targets) plus trainable
-``action_queries``, ``freeze_unreachable``, the Pro L1 head and the proprio projector, ``GradientSynchronizer``,
-fused AdamW, bf16 autocast. Batches come from ``torch_source.random_batch`` (2 images, a 41-token prompt and 64
-action slots: 512 + 105 = 617 LLM positions), made once on the device, so data loading is *not* timed.
+What runs is what ``vla-scripts/finetune.py`` runs: the VLA (random weights from a config.json, DINOv2 + SigLIP +
+Qwen2.5-0.5B) built by ``model_setup.build_policy`` (LoRA with upstream's targets, FORMAT section 7, plus
+trainable ``action_queries``, ``freeze_unreachable``, the Pro L1 head and the proprio projector) and made fast by
+``preparation.prepare_policy`` (mask-free causal attention, fused LoRA, bf16 frozen weights on CUDA, compile),
+then ``GradientSynchronizer``, fused AdamW, bf16 autocast and ``Trainer``. Batches come from
+``torch_source.random_batch`` (2 images, a 41-token prompt and 64 action slots: 512 + 105 = 617 LLM positions),
+made once on the device, so data loading is *not* timed.
 
 Variants: ``plain`` (action loss only); ``craft_cache`` (CRaFT with an anchor returning a fixed fp32 f_0
 already on the device: the cost of a cache hit); ``craft_online`` (CRaFT with ``OnlineAnchor``: one extra
@@ -12,15 +14,15 @@ no-grad forward of the frozen VLA per micro-batch).
 
 Per (variant, batch size): ``--warmup`` untimed steps, then ``--steps`` timed ``Trainer.step`` calls (CUDA events
 around each call, the device synchronized between steps; ``perf_counter`` on CPU). The headline numbers come
-from these calls only. Then ``--phase_steps`` steps of :func:`instrumented_step`, a phase-by-phase copy of
-``Trainer.step`` with events between phases (forward, anchor forward, backward of L_ret, backward of L_act,
-grad sync, CRaFT projection, optimizer); ``tests/test_bench_train_step.py`` checks that it makes exactly the
-same update as ``Trainer.step``. Frozen base weights are bf16 by default on CUDA (``--frozen_dtype fp32`` is what
-finetune.py does: fp32 weights cast by autocast on every use); trainable ones are always fp32.
+from these calls only. Then ``--phase_steps`` more ``Trainer.step`` calls with ``Trainer.phase_marks`` set: a
+clock mark (CUDA event / ``perf_counter``) at the end of each phase of the step (``trainer.PHASES``: forward,
+anchor forward, backward of L_ret, backward of L_act, grad sync, CRaFT projection, optimizer, dual step).
+``--frozen_dtype fp32`` keeps the frozen base weights fp32 on CUDA (cast by autocast on every use); trainable
+ones are always fp32.
 
-MFU uses the analytic count of :func:`step_flops` (matmul FLOPs only; assumptions in its docstring) against
-``--peak_tflops`` (989: H100/H200 SXM dense bf16). Under ``torchrun --nproc-per-node N`` every rank runs the
-same loop on its own batch; rank 0 prints and writes per-rank and global samples/s.
+MFU uses the analytic count of ``prismatic/training/flops.py`` (matmul FLOPs only; assumptions in
+``step_flops``) against ``--peak_tflops`` (989: H100/H200 SXM dense bf16). Under ``torchrun --nproc-per-node N``
+every rank runs the same loop on its own batch; rank 0 prints and writes per-rank and global samples/s.
 
   python experiments/bench_train_step.py --batch_sizes 8 16
   python experiments/bench_train_step.py --batch_sizes 16 --compile --compile_vision --compile_mode reduce-overhead
@@ -46,11 +48,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import argparse
-import contextlib
 import datetime
 import gc
 import gzip
-import itertools
 import json
 import logging
 import math
@@ -59,20 +59,18 @@ import platform
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import transformers
-from torch import nn
 
 from prismatic.extern.hf.configuration_prismatic import OpenVLAConfig, tiny_openvla_config
-from prismatic.extern.hf.modeling_prismatic import OpenVLAForActionPrediction, create_vit, feature_block_index
+from prismatic.extern.hf.modeling_prismatic import OpenVLAForActionPrediction
 from prismatic.models.checkpoints import base_model
-from prismatic.models.llm_attention import restore_attention, use_right_padded_causal_attention
-from prismatic.training.compilation import COMPILE_MODES, compile_policy, uses_cuda_graphs
+from prismatic.training.compilation import COMPILE_MODES, uses_cuda_graphs
 from prismatic.training.craft_step import CraftStep, OnlineAnchor
 from prismatic.training.craft_utils import CRaFTConfig, CRaFTFeatureExtractor
 from prismatic.training.distributed import (
@@ -83,12 +81,12 @@ from prismatic.training.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from prismatic.training.fused_lora import adapter_cache
+from prismatic.training.flops import VARIANTS, forward_flops_by_part, model_dims, step_flops
 from prismatic.training.lr_schedule import build_scheduler
 from prismatic.training.model_setup import StartPoint, build_policy
 from prismatic.training.preparation import SpeedOptions, prepare_policy
-from prismatic.training.trainer import PolicyModules, StepSettings, Trainer, move_batch, optimizer_step_unless
-from prismatic.vla.constants import LIBERO, NUM_PATCHES_PER_IMAGE, NUM_TOKENS, PlatformConstants
+from prismatic.training.trainer import PHASES, PolicyModules, StepSettings, Trainer
+from prismatic.vla.constants import LIBERO, NUM_PATCHES_PER_IMAGE, NUM_TOKENS
 from prismatic.vla.datasets.torch_source import random_batch
 
 log = logging.getLogger("bench_train_step")
@@ -99,296 +97,9 @@ DEFAULT_CONFIG_CANDIDATES = (
     REPO / "experiments" / "assets" / "openvla_config.json",
     REPO / "experiments" / "assets" / "config.json",
 )
-AB_PARTS = ("flat", "cache", "masked")  # --ab: flags added to the command's own ("base"), joined by "+"
-VARIANTS = ("plain", "craft_cache", "craft_online")
-PHASES = (
-    "zero_grad",
-    "forward",
-    "anchor_forward",
-    "backward_ret",
-    "backward_act",
-    "grad_sync",
-    "craft_projection",
-    "optimizer",
-    "craft_dual",
-)
 NUM_DATA_BATCHES = 4  # distinct random batches cycled through the steps
 PROFILED_STEPS = 3  # --profile: steps recorded after one profiler warm-up step
-H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM (and H200, same compute): dense bf16 tensor-core peak
 GIB = 1024**3
-
-
-# ================================================================================================================
-# Analytic FLOP count
-# ================================================================================================================
-@dataclass(frozen=True)
-class VitDims:
-    """One ViT branch as the model runs it (read from the timm module built on the meta device)."""
-
-    name: str
-    embed_dim: int
-    mlp_dim: int
-    qkv_dim: int  # output width of attn.qkv (3 x embed_dim)
-    tokens: int  # patches + prefix tokens (cls / registers): 261 for DINOv2-L reg4, 256 for SigLIP
-    patches: int
-    blocks_run: int  # blocks up to and including the feature block (depth - 1)
-    patch_kernel: int  # in_channels x patch x patch of patch_embed.proj
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """Everything the FLOP count depends on."""
-
-    vits: tuple[VitDims, ...]
-    num_images: int
-    projector_dims: tuple[tuple[int, int], ...]  # (in, out) of fc1, fc2[, fc3]
-    llm_hidden: int
-    llm_intermediate: int
-    llm_layers: int
-    llm_heads: int
-    llm_kv_heads: int
-    llm_head_dim: int
-    text_len: int  # prompt + 64 action slots
-    chunk: int
-    action_dim: int
-    head_blocks: int
-    head_hidden: int
-    use_proprio: bool
-    proprio_dim: int
-    lora_rank: int
-
-    @property
-    def llm_seq_len(self) -> int:
-        return self.num_task_tokens + self.text_len
-
-    @property
-    def num_task_tokens(self) -> int:
-        return self.vits[0].patches * self.num_images  # 256 per image
-
-    @property
-    def adapter_tokens(self) -> int:
-        """Keys of the head's adapter stream: 64 action-query read-outs (+1 proprio token)."""
-        return NUM_TOKENS + int(self.use_proprio)
-
-
-def vit_dims(config: OpenVLAConfig) -> tuple[VitDims, ...]:
-    """Build the config's ViTs on the meta device (no memory, no init cost) and read their dimensions."""
-    dims = []
-    with torch.device("meta"):
-        for index, timm_id in enumerate(config.timm_model_ids):
-            vit = create_vit(config, index)
-            block = vit.blocks[0]
-            for path in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
-                if not isinstance(block.get_submodule(path), nn.Linear):
-                    raise ValueError(f"{timm_id}: block 0 has no nn.Linear at {path!r}; the FLOP count assumes it")
-            dims.append(
-                VitDims(
-                    name=timm_id,
-                    embed_dim=vit.embed_dim,
-                    mlp_dim=block.mlp.fc1.out_features,
-                    qkv_dim=block.attn.qkv.out_features,
-                    tokens=vit.patch_embed.num_patches + vit.num_prefix_tokens,
-                    patches=vit.patch_embed.num_patches,
-                    blocks_run=feature_block_index(vit) + 1,
-                    patch_kernel=vit.patch_embed.proj.weight[0].numel(),
-                )
-            )
-    return tuple(dims)
-
-
-def model_dims(
-    config: OpenVLAConfig,
-    *,
-    num_images: int = 2,
-    prompt_len: int = 41,
-    lora_rank: int = 64,
-    use_proprio: bool = True,
-    platform_constants: PlatformConstants = LIBERO,
-) -> ModelDims:
-    """Dimensions of the benchmarked policy (Pro head with one block per LLM layer, LoRA on every linear)."""
-    text = config.text_config
-    vits = vit_dims(config)
-    if len({v.patches for v in vits}) != 1:
-        raise ValueError(f"the ViTs disagree on the patch count: {[v.patches for v in vits]}")
-    vision_dim, llm_dim = sum(v.embed_dim for v in vits), text.hidden_size
-    if config.use_fused_vision_backbone:
-        projector = ((vision_dim, 4 * vision_dim), (4 * vision_dim, llm_dim), (llm_dim, llm_dim))
-    else:
-        projector = ((vision_dim, llm_dim), (llm_dim, llm_dim))
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return ModelDims(
-        vits=vits,
-        num_images=num_images,
-        projector_dims=projector,
-        llm_hidden=llm_dim,
-        llm_intermediate=text.intermediate_size,
-        llm_layers=text.num_hidden_layers,
-        llm_heads=text.num_attention_heads,
-        llm_kv_heads=text.num_key_value_heads,
-        llm_head_dim=head_dim,
-        text_len=prompt_len + NUM_TOKENS,
-        chunk=platform_constants.num_actions_chunk,
-        action_dim=platform_constants.action_dim,
-        head_blocks=text.num_hidden_layers,
-        head_hidden=llm_dim,
-        use_proprio=use_proprio,
-        proprio_dim=platform_constants.proprio_dim,
-        lora_rank=lora_rank,
-    )
-
-
-@dataclass(frozen=True)
-class MatmulTerm:
-    """Forward FLOPs (2 x multiply-adds) of one matmul kind, per sample.
-
-    ``grads``: how many operand gradients its backward computes (each costs one forward): 0 = no backward
-    (frozen weight on an input that needs no gradient), 1 = frozen weight, input gradient only (or trainable
-    weight on an input that needs none), 2 = trainable weight and input gradient, or activation x activation
-    (attention scores and values). ``part``: vision | projector | llm | head | proprio.
-    ``lora``: an adapter matmul (skipped by the online anchor, which runs with adapters disabled).
-    """
-
-    name: str
-    part: str
-    flops: float
-    grads: int
-    lora: bool = False
-
-
-VLA_PARTS = ("vision", "projector", "llm")
-
-
-def _linear(name: str, part: str, tokens: int, d_in: int, d_out: int, grads: int) -> MatmulTerm:
-    return MatmulTerm(name, part, 2.0 * tokens * d_in * d_out, grads)
-
-
-def _lora_linear(
-    name: str, part: str, tokens: int, d_in: int, d_out: int, rank: int, input_grad: bool = True
-) -> list[MatmulTerm]:
-    """Frozen base weight + LoRA A (in -> r) and B (r -> out), both trainable."""
-    base = _linear(name, part, tokens, d_in, d_out, grads=int(input_grad))
-    lora_a = MatmulTerm(f"{name}.lora_A", part, 2.0 * tokens * d_in * rank, 1 + int(input_grad), lora=True)
-    lora_b = MatmulTerm(f"{name}.lora_B", part, 2.0 * tokens * rank * d_out, 2, lora=True)
-    return [base, lora_a, lora_b]
-
-
-def _attention(name: str, part: str, queries: int, keys: int, width: int) -> MatmulTerm:
-    """Q K^T and P V with all query heads (``width`` = heads x head_dim): 2 x 2 q k width FLOPs."""
-    return MatmulTerm(name, part, 4.0 * queries * keys * width, grads=2)
-
-
-def _vision_terms(dims: ModelDims) -> list[MatmulTerm]:
-    r, per_image = dims.lora_rank, []
-    for v in dims.vits:
-        # The patch embedding reads the pixels (no gradient): its frozen conv has no backward at all.
-        per_image += _lora_linear(f"{v.name}.patch_embed", "vision", v.patches, v.patch_kernel, v.embed_dim, r, False)
-        block = []
-        for what, d_in, d_out in (
-            ("qkv", v.embed_dim, v.qkv_dim),
-            ("proj", v.embed_dim, v.embed_dim),
-            ("fc1", v.embed_dim, v.mlp_dim),
-            ("fc2", v.mlp_dim, v.embed_dim),
-        ):
-            block += _lora_linear(f"{v.name}.{what}", "vision", v.tokens, d_in, d_out, r)
-        block.append(_attention(f"{v.name}.attention", "vision", v.tokens, v.tokens, v.embed_dim))
-        per_image += [_scaled(t, v.blocks_run) for t in block]
-    return [_scaled(t, dims.num_images) for t in per_image]
-
-
-def _scaled(term: MatmulTerm, factor: float) -> MatmulTerm:
-    return MatmulTerm(term.name, term.part, term.flops * factor, term.grads, term.lora)
-
-
-def _projector_terms(dims: ModelDims) -> list[MatmulTerm]:
-    terms = []
-    for i, (d_in, d_out) in enumerate(dims.projector_dims):
-        terms += _lora_linear(f"projector.fc{i + 1}", "projector", dims.num_task_tokens, d_in, d_out, dims.lora_rank)
-    return terms
-
-
-def _llm_terms(dims: ModelDims) -> list[MatmulTerm]:
-    s, d, i, hd = dims.llm_seq_len, dims.llm_hidden, dims.llm_intermediate, dims.llm_head_dim
-    q_width, kv_width = dims.llm_heads * hd, dims.llm_kv_heads * hd
-    per_layer = []
-    for name, d_in, d_out in (
-        ("q_proj", d, q_width),
-        ("k_proj", d, kv_width),
-        ("v_proj", d, kv_width),
-        ("o_proj", q_width, d),
-        ("gate_proj", d, i),
-        ("up_proj", d, i),
-        ("down_proj", i, d),
-    ):
-        per_layer += _lora_linear(f"llm.{name}", "llm", s, d_in, d_out, dims.lora_rank)
-    # Full (non-causal) S x S: the model-FLOP convention; causal kernels skip about half of these tiles.
-    per_layer.append(_attention("llm.attention", "llm", s, s, q_width))
-    return [_scaled(t, dims.llm_layers) for t in per_layer]
-
-
-def _head_terms(dims: ModelDims) -> list[MatmulTerm]:
-    c, a, p, h, d = dims.chunk, dims.adapter_tokens, dims.num_task_tokens, dims.head_hidden, dims.llm_hidden
-    # fc1 reads LayerNorm(all-zero start input): its trainable affine parameters make the input need a gradient.
-    terms = [_linear("head.fc1", "head", c, dims.action_dim * d, h, grads=2)]
-    per_block = [
-        _linear("head.q_k_v_self_o_ffn", "head", 5 * c, h, h, grads=2),  # q, k_self, v_self, o_proj, ffn on C rows
-        _linear("head.k_v_adapter", "head", 2 * a, d, h, grads=2),
-        _linear("head.k_v_task", "head", 2 * p, d, h, grads=2),
-        _attention("head.attention", "head", c, c + a + p, h),
-    ]
-    terms += [_scaled(t, dims.head_blocks) for t in per_block]
-    terms.append(_linear("head.fc2", "head", c, h, dims.action_dim, grads=2))
-    if dims.use_proprio:
-        terms.append(_linear("proprio.fc1", "proprio", 1, dims.proprio_dim, d, grads=1))  # raw proprio: no grad
-        terms.append(_linear("proprio.fc2", "proprio", 1, d, d, grads=2))
-    return terms
-
-
-def matmul_terms(dims: ModelDims) -> list[MatmulTerm]:
-    """Every matmul of one training forward, per sample (the LM head is skipped: training passes no logits)."""
-    return _vision_terms(dims) + _projector_terms(dims) + _llm_terms(dims) + _head_terms(dims)
-
-
-def step_flops(dims: ModelDims, variant: str) -> dict[str, float]:
-    """Model FLOPs of one training step, per sample, by pass; ``total`` is what MFU divides by.
-
-    Assumptions (matmul FLOPs only; norms, activations, softmax, RoPE tables and rotation, embeddings and the
-    optimizer are ignored, together well under 1%):
-
-    * forward: every linear/conv 2 x tokens x in x out; the ViTs run ``depth - 1`` blocks (DINOv2-L 23 of 24 at
-      261 tokens incl. 5 prefix tokens, SigLIP 26 of 27 at 256 tokens) per image; projector on the 512 patches;
-      Qwen2 on all 617 positions; attention as full S x S score and value products for all query heads (not
-      halved for causality); the Pro head's 24 blocks on 8 chunk rows with keys over 8 + 65 + 512 positions;
-      LoRA A/B of every targeted linear (rank r) on the same tokens as its base layer.
-    * backward = one forward per operand gradient (``MatmulTerm.grads``): frozen base weights need only the
-      input gradient (1x), trainable weights (LoRA, head, proprio projector) input and weight (2x), attention
-      products both activations (2x). Since LoRA sits in every ViT block and the patch embedding, the input
-      gradient flows through all frozen layers down to the patch embedding. Flash-attention's recomputation
-      of the scores is hardware work, not model FLOPs, and is not counted.
-    * ``craft_*`` add a second backward (L_ret) through vision + projector + LLM (not the head): C_AQ is read
-      at the last layer, so every LLM layer is traversed; ``craft_online`` adds one more forward of the frozen
-      VLA (adapters disabled: no LoRA terms; no head).
-    """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    terms = matmul_terms(dims)
-    vla = [t for t in terms if t.part in VLA_PARTS]
-    out = {
-        "forward": sum(t.flops for t in terms),
-        "anchor_forward": sum(t.flops for t in vla if not t.lora) if variant == "craft_online" else 0.0,
-        "backward_ret": sum(t.flops * t.grads for t in vla) if variant != "plain" else 0.0,
-        "backward_act": sum(t.flops * t.grads for t in terms),
-    }
-    out["total"] = sum(out.values())
-    return out
-
-
-def forward_flops_by_part(dims: ModelDims) -> dict[str, float]:
-    """Forward FLOPs per sample of each part (LoRA terms listed separately), for the report."""
-    parts: dict[str, float] = {}
-    for t in matmul_terms(dims):
-        key = f"{t.part}.lora" if t.lora else t.part
-        parts[key] = parts.get(key, 0.0) + t.flops
-    return parts
 
 
 # ================================================================================================================
@@ -416,12 +127,10 @@ def load_config(path: Path) -> OpenVLAConfig:
     return OpenVLAConfig.from_dict(raw)
 
 
-def _build_policy_on(
-    config: OpenVLAConfig, device: torch.device, lora_rank: int, num_images: int, fused_lora: bool
-) -> PolicyModules:
+def _build_policy_on(config: OpenVLAConfig, device: torch.device, lora_rank: int, num_images: int) -> PolicyModules:
     with torch.device(device):
         vla = OpenVLAForActionPrediction(config)
-        modules = build_policy(
+        return build_policy(
             StartPoint(vla, None, None, "random"),
             platform=LIBERO,
             num_images=num_images,
@@ -432,7 +141,6 @@ def _build_policy_on(
             use_proprio=True,
             noise_std=0.0,
         )
-    return prepare_policy(modules, SpeedOptions(fused_lora=fused_lora))  # frozen dtype and compile: main()
 
 
 def build_benchmark_policy(
@@ -441,11 +149,10 @@ def build_benchmark_policy(
     *,
     lora_rank: int,
     num_images: int,
-    frozen_dtype: torch.dtype,
     seed: int,
-    fused_lora: bool = True,
+    speed: SpeedOptions,
 ) -> tuple[PolicyModules, str]:
-    """Random-weight policy on ``device``: frozen weights in ``frozen_dtype``, trainable ones fp32.
+    """Random-weight policy on ``device``, prepared by ``prepare_policy(modules, speed)`` as in finetune.py.
 
     Built directly on the device (random init there is fast); if that fails, built on the CPU and moved.
     Returns (modules, the device it was initialized on).
@@ -453,7 +160,7 @@ def build_benchmark_policy(
     torch.manual_seed(seed)
     init_device, modules = device, None
     try:
-        modules = _build_policy_on(config, device, lora_rank, num_images, fused_lora)
+        modules = _build_policy_on(config, device, lora_rank, num_images)
     except Exception as err:  # noqa: BLE001 - any failure of on-device init falls back to the plain path
         if device.type == "cpu":
             raise
@@ -463,22 +170,11 @@ def build_benchmark_policy(
         torch.cuda.empty_cache()
         torch.manual_seed(seed)
         init_device = torch.device("cpu")
-        modules = _build_policy_on(config, init_device, lora_rank, num_images, fused_lora)
+        modules = _build_policy_on(config, init_device, lora_rank, num_images)
     for m in (modules.vla, modules.action_head, modules.proprio_projector):
         if m is not None:
             m.to(device)
-    set_parameter_dtypes(modules, frozen_dtype)
-    return modules, str(init_device)
-
-
-def set_parameter_dtypes(modules: PolicyModules, frozen_dtype: torch.dtype) -> None:
-    """Frozen floating parameters -> ``frozen_dtype``; trainable ones -> fp32 (GradientSynchronizer's rule)."""
-    with torch.no_grad():
-        for m in (modules.vla, modules.action_head, modules.proprio_projector):
-            for p in m.parameters() if m is not None else ():
-                target = torch.float32 if p.requires_grad else frozen_dtype
-                if p.is_floating_point() and p.dtype != target:
-                    p.data = p.data.to(target)
+    return prepare_policy(modules, speed), str(init_device)
 
 
 def parameter_summary(modules: PolicyModules) -> dict[str, Any]:
@@ -523,26 +219,13 @@ def make_trainer(
     seed: int = 0,
     cuda_graphs: bool = False,
     overlap_grad_sync: bool = False,
-    collect_grads: bool = True,
-    flat_params: bool = False,
 ) -> Trainer:
-    """A fresh synchronizer, optimizer, schedule and (for CRaFT) anchor + hooks, wired as finetune.py does.
-
-    ``flat_params`` (experiment, not in finetune.py yet): the trainable weights move into one flat,
-    64-element-aligned fp32 tensor and AdamW steps that one tensor (``GradientSynchronizer.flat_parameters``).
-    """
+    """A fresh synchronizer, optimizer, schedule and (for CRaFT) anchor + hooks, wired as finetune.py does."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    sync = GradientSynchronizer(
-        modules.trainable_parameters(),
-        ctx,
-        overlap=overlap_grad_sync,
-        collect=collect_grads,
-        align=64 if flat_params else 1,
-    )
+    sync = GradientSynchronizer(modules.trainable_parameters(), ctx, overlap=overlap_grad_sync)
     cuda = ctx.device.type == "cuda"
-    opt_params = [sync.flat_parameters()] if flat_params else sync.params
-    optimizer = torch.optim.AdamW(opt_params, lr=learning_rate, fused=cuda, foreach=None if cuda else True)
+    optimizer = torch.optim.AdamW(sync.params, lr=learning_rate, fused=cuda, foreach=None if cuda else True)
     scheduler = build_scheduler(optimizer, warmup_steps=0, num_steps_before_decay=10**9)
     craft = None
     if variant != "plain":
@@ -625,113 +308,49 @@ def run_steps(
     return StepTimes(device_ms, wall_ms if timed else [], values)
 
 
-class _MarkingAnchor:
-    """Wraps an anchor so the instrumented step can put phase marks around ``features``."""
+class PhaseMarks:
+    """``Trainer.phase_marks`` for the benchmark: a clock mark at the end of each phase of the real step."""
 
-    def __init__(self, anchor: Any, mark: Callable[[str], None]) -> None:
-        self.anchor, self.mark = anchor, mark
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.marks: list[tuple[str, Any]] = []
 
-    def features(self, batch: dict, device: torch.device) -> torch.Tensor:
-        self.mark("forward")  # student feature pooling, just done inside CraftStep.retention_loss
-        f0 = self.anchor.features(batch, device)
-        self.mark("anchor_forward")
-        return f0
+    def begin(self) -> None:
+        self.marks = [("begin", self.clock.mark())]
 
+    def __call__(self, phase: str) -> None:
+        self.marks.append((phase, self.clock.mark()))
 
-@contextlib.contextmanager
-def _marked_anchor(trainer: Trainer, mark: Callable[[str], None]) -> Iterator[None]:
-    craft = trainer.craft
-    original = craft.anchor
-    craft.anchor = _MarkingAnchor(original, mark)
-    try:
-        yield
-    finally:
-        craft.anchor = original
-
-
-def instrumented_step(
-    trainer: Trainer, micro_batches: Sequence[dict], step_index: int, clock: Clock
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """``Trainer.step``, statement for statement, with a clock mark after each phase.
-
-    Returns (metrics, milliseconds per phase). Each interval between two marks is charged to the phase named
-    by the later mark. Keep in sync with ``Trainer.step`` (the test compares the two updates bit for bit).
-    """
-    with trainer._prepared():
-        return _instrumented_step(trainer, micro_batches, step_index, clock)
-
-
-def _instrumented_step(
-    trainer: Trainer, micro_batches: Sequence[dict], step_index: int, clock: Clock
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    marks: list[tuple[str, Any]] = [("start", clock.mark())]
-    mark = lambda label: marks.append((label, clock.mark()))
-    t, craft, sync = trainer, trainer.craft, trainer.sync
-    t._set_mode(True)
-    torch.manual_seed(t.settings.seed * 1_000_003 + step_index * 4099 + t.ctx.rank)
-    n = len(micro_batches)
-    if craft is not None:
-        craft.begin_step()
-    mark("zero_grad")
-    sums: dict[str, torch.Tensor] = {}
-    for i, batch in enumerate(micro_batches):
-        last = i == n - 1
-        batch = move_batch(batch, t.ctx.device)
-        losses, out = t.forward(batch)
-        if craft is not None:
-            with t._autocast(), _marked_anchor(t, mark):
-                ret = craft.retention_loss(out, batch)
-            mark("forward")  # retention MSE
-            losses["retention_loss"] = ret
-            sync.backward(ret / n, into=craft.retention_grad_buffer(), last=last, retain_graph=True)
-            mark("backward_ret")
-        else:
-            mark("forward")
-        sync.backward(losses["loss"] / n, last=last)
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float() / n
-        mark("backward_act")
-    names = sorted(sums)
-    loss_vec = torch.stack([sums[k] for k in names])
-    sync.reduce(loss_vec)
-    metrics = dict(zip(names, loss_vec.unbind()))
-    nonfinite = ~torch.isfinite(loss_vec).all()
-    retention = metrics.pop("retention_loss", None)
-    mark("grad_sync")
-    if craft is not None:
-        metrics.update(craft.apply(sync, retention))
-        mark("craft_projection")
-    metrics["grad_norm"] = t._grad_norm()
-    nonfinite = nonfinite | ~torch.isfinite(metrics["grad_norm"])
-    metrics["lr"] = torch.tensor(t.scheduler.get_last_lr()[0], dtype=torch.float64)
-    metrics["skipped_update"] = nonfinite
-    optimizer_step_unless(t.optimizer, nonfinite)
-    t.scheduler.step()
-    mark("optimizer")
-    if craft is not None:
-        metrics.update(craft.finish_step(retention))
-        mark("craft_dual")
-    clock.sync()
-    phases: dict[str, float] = {}
-    for (_, start), (label, end) in zip(marks[:-1], marks[1:]):
-        phases[label] = phases.get(label, 0.0) + clock.elapsed_ms(start, end)
-    return metrics, phases
+    def milliseconds(self) -> dict[str, float]:
+        """Each interval between two marks, charged to the phase named by the later one (call after a sync)."""
+        phases: dict[str, float] = {}
+        for (_, start), (label, end) in zip(self.marks[:-1], self.marks[1:]):
+            phases[label] = phases.get(label, 0.0) + self.clock.elapsed_ms(start, end)
+        return phases
 
 
 def phase_breakdown(
     trainer: Trainer, batches: Sequence[dict], first_index: int, count: int, clock: Clock
 ) -> dict[str, float]:
-    """Median milliseconds of each phase over ``count`` instrumented steps (0 for phases a variant lacks)."""
-    per_phase: dict[str, list[float]] = {p: [] for p in PHASES}
-    per_phase["total"] = []
-    for i in range(count):
-        index = first_index + i
-        clock.sync()
-        metrics, phases = instrumented_step(trainer, [batches[index % len(batches)]], index, clock)
-        check_finite({k: float(v) for k, v in metrics.items()}, index)
-        for p in PHASES:
-            per_phase[p].append(phases.get(p, 0.0))
-        per_phase["total"].append(sum(phases.values()))
+    """Median milliseconds of each phase over ``count`` marked ``Trainer.step`` calls (0 for phases a variant
+    lacks), and of their sum (``total``)."""
+    marks = PhaseMarks(clock)
+    per_phase: dict[str, list[float]] = {p: [] for p in (*PHASES, "total")}
+    trainer.phase_marks = marks
+    try:
+        for i in range(count):
+            index = first_index + i
+            clock.sync()
+            marks.begin()
+            metrics = trainer.step([batches[index % len(batches)]], index)
+            clock.sync()
+            check_finite({k: float(v) for k, v in metrics.items()}, index)
+            phases = marks.milliseconds()
+            for p in PHASES:
+                per_phase[p].append(phases.get(p, 0.0))
+            per_phase["total"].append(sum(phases.values()))
+    finally:
+        trainer.phase_marks = None
     return {p: statistics.median(v) for p, v in per_phase.items() if v}
 
 
@@ -895,8 +514,6 @@ class BenchSettings:
     out_dir: Path
     cuda_graphs: bool = False
     overlap_grad_sync: bool = False
-    collect_grads: bool = True
-    flat_params: bool = False
     tag: str = ""
 
 
@@ -947,8 +564,6 @@ def measure(
         seed=settings.seed,
         cuda_graphs=settings.cuda_graphs,
         overlap_grad_sync=settings.overlap_grad_sync,
-        collect_grads=settings.collect_grads,
-        flat_params=settings.flat_params,
     )
     if cuda:
         torch.cuda.synchronize()
@@ -1033,8 +648,19 @@ def combine_ranks(result: dict[str, Any], ctx: DistributedContext, batch_size: i
 # ================================================================================================================
 def format_table(results: Sequence[dict[str, Any]]) -> str:
     cols = ("variant", "B", "med ms", "min ms", "max ms", "samp/s", "glob/s", "peak GiB", "TFLOP/s", "MFU")
-    phase_cols = ("start", "fwd", "anchor", "bwd_ret", "bwd_act", "sync", "proj", "optim", "dual", "sum")
-    phase_keys = (*PHASES, "total")
+    columns = {  # Trainer's phases (the benchmark has no auxiliary task or regularizer) -> column
+        "start": "start",
+        "forward": "fwd",
+        "anchor_forward": "anchor",
+        "backward_ret": "bwd_ret",
+        "backward_act": "bwd_act",
+        "grad_sync": "sync",
+        "craft_projection": "proj",
+        "optimizer": "optim",
+        "craft_dual": "dual",
+        "total": "sum",
+    }
+    phase_cols, phase_keys = tuple(columns.values()), tuple(columns)
     header = " | ".join(f"{c:>9}" for c in cols + phase_cols)
     lines = [header, "-" * len(header)]
     for r in results:
@@ -1042,7 +668,7 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
             lines.append(f"{r.get('variant', '?'):>9} | {r.get('batch_size', '?'):>9} | ERROR {r.get('error')}")
             continue
         cells = [
-            r["variant"] if r.get("config", "base") == "base" else f"{r['variant']}/{r['config']}",
+            r["variant"],
             r["batch_size"],
             f"{r['step_ms']['median']:.1f}",
             f"{r['step_ms']['min']:.1f}",
@@ -1108,25 +734,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--learning_rate", type=float, default=5e-4)
     p.add_argument("--max_grad_norm", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--peak_tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="per-device peak for MFU")
+    p.add_argument("--peak_tflops", type=float, default=989.0, help="per-device peak for MFU (H100/H200 SXM bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the LLM decoder and the action head")
     p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES, help="torch.compile mode")
     p.add_argument("--compile_vision", action="store_true", help="with --compile: also compile each ViT block")
     p.add_argument("--overlap_grad_sync", action="store_true", help="bucketed all-reduce during the backward")
-    p.add_argument("--grads_into_views", action="store_true", help="accumulate into buffer views (no collect mode)")
     p.add_argument("--peft_lora", action="store_true", help="PEFT's LoRA forward instead of fused_lora's")
-    p.add_argument("--flat_params", action="store_true", help="AdamW over one aligned flat tensor (experiment)")
-    p.add_argument("--adapter_cache", action="store_true", help="fused LoRA reads per-step adapter copies (experiment)")
     p.add_argument("--masked_attention", action="store_true", help="LLM attention with the padding mask (upstream's)")
-    p.add_argument(
-        "--ab",
-        nargs="+",
-        default=["base"],
-        type=ab_config,
-        help="same-process A/B: measure every variant under each configuration in turn (one model build and "
-        "compile, same host); base = the flags as given, flat/cache/masked add --flat_params/--adapter_cache/"
-        "--masked_attention; combine with +, e.g. flat+cache",
-    )
     p.add_argument("--profile", action="store_true", help="chrome trace of 3 steps per configuration")
     p.add_argument("--out_dir", default=os.environ.get("OUT") or "bench_out")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
@@ -1154,24 +768,23 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
         config_path = resolve_config_path(args.config)
         config = load_config(config_path)
     autocast_dtype, frozen_dtype = precision_dtypes(args, ctx.device)
-    dims = model_dims(config, num_images=args.num_images, prompt_len=args.prompt_len, lora_rank=args.lora_rank)
+    dims = model_dims(
+        config, num_images=args.num_images, text_len=args.prompt_len + NUM_TOKENS, lora_rank=args.lora_rank
+    )
+    speed = SpeedOptions(
+        right_padded_attention=not args.masked_attention,
+        fused_lora=not args.peft_lora,
+        frozen_dtype=None if frozen_dtype == torch.float32 else frozen_dtype,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+        compile_vision=args.compile_vision,
+    )
     t0 = time.perf_counter()
     modules, init_device = build_benchmark_policy(
-        config,
-        ctx.device,
-        lora_rank=args.lora_rank,
-        num_images=args.num_images,
-        frozen_dtype=frozen_dtype,
-        seed=args.seed,
-        fused_lora=not args.peft_lora,
+        config, ctx.device, lora_rank=args.lora_rank, num_images=args.num_images, seed=args.seed, speed=speed
     )
     build_s = time.perf_counter() - t0
-    cache = adapter_cache(modules.vla)
-    if cache is not None:
-        cache.enabled = args.adapter_cache
     broadcast_parameters(modules.trainable_parameters(), ctx)
-    if args.compile:
-        compile_policy(modules, vision=args.compile_vision, mode=args.compile_mode)
     out_dir = Path(args.out_dir)
     settings = BenchSettings(
         variants=tuple(args.variants),
@@ -1190,12 +803,9 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
         out_dir=out_dir,
         cuda_graphs=uses_cuda_graphs(args.compile, args.compile_mode),
         overlap_grad_sync=args.overlap_grad_sync,
-        collect_grads=not args.grads_into_views,
-        flat_params=args.flat_params,
         tag=f"_{args.tag}" if args.tag else "",
     )
     results: list[dict[str, Any]] = []
-    summary = parameter_summary(modules)
     report: dict[str, Any] = {
         "benchmark": "train_step",
         "argv": list(argv),
@@ -1215,11 +825,9 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
             "compile_vision": args.compile_vision,
             "compile_mode": args.compile_mode if args.compile else None,
             "lora_forward": "peft" if args.peft_lora else "fused",
-            "adapter_cache": cache is not None and cache.enabled,
+            "llm_attention": base_model(modules.vla).language_model.config._attn_implementation,
             "overlap_grad_sync": args.overlap_grad_sync,
-            "collect_grads": not args.grads_into_views,
-            "flat_params": args.flat_params,
-            **summary,
+            **parameter_summary(modules),
         },
         "settings": {
             "warmup": args.warmup,
@@ -1241,56 +849,19 @@ def run(args: argparse.Namespace, argv: Sequence[str], ctx: DistributedContext) 
     }
     for batch_size in settings.batch_sizes:
         batches = make_batches(batch_size, settings, ctx)
-        for variant, config in itertools.product(settings.variants, args.ab):
-            flops = step_flops(dims, variant)["total"]
-            parts = set(config.split("+"))
-            if cache is not None:
-                cache.enabled = args.adapter_cache or "cache" in parts
-            run_settings = replace(settings, flat_params=args.flat_params or "flat" in parts)
-            llm = base_model(modules.vla).language_model
-            if args.masked_attention or "masked" in parts:  # compiled code guards on this: it recompiles
-                restore_attention(llm, "sdpa")
-            else:
-                use_right_padded_causal_attention(llm)
+        for variant in settings.variants:
             if ctx.is_main:
-                log.info(
-                    "measuring %s (%s), batch %d per rank, %d rank(s)", variant, config, batch_size, ctx.world_size
-                )
-            result = measure_safely(
-                modules, variant, batch_size, batches, run_settings, ctx=ctx, flops_per_sample=flops
-            )
+                log.info("measuring %s, batch %d per rank, %d rank(s)", variant, batch_size, ctx.world_size)
+            flops = step_flops(dims, variant)["total"]
+            result = measure_safely(modules, variant, batch_size, batches, settings, ctx=ctx, flops_per_sample=flops)
             result.setdefault("variant", variant)
             result.setdefault("batch_size", batch_size)
-            result["config"] = config
-            result["adapter_cache_layout"] = _cache_layout(cache)
-            result["llm_attention"] = llm.config._attn_implementation
             results.append(combine_ranks(result, ctx, batch_size))
-            if run_settings.flat_params and not args.flat_params:  # later configurations: separate tensors again
-                with torch.no_grad():
-                    for p in modules.trainable_parameters():
-                        p.data = p.data.clone()
-            if cache is not None:
-                cache.reset()  # free the copies; the next entry lays them out for the weights as they are then
             if ctx.is_main:  # a later configuration may time out or crash: keep what is measured
                 write_report(report, out_dir, args.tag)
                 log.info("result: %s", format_table([results[-1]]).splitlines()[-1])
         del batches
     return report
-
-
-def ab_config(text: str) -> str:
-    """An --ab entry: "base" or parts of AB_PARTS joined by "+"."""
-    parts = text.split("+")
-    if text != "base" and not all(part in AB_PARTS for part in parts):
-        raise argparse.ArgumentTypeError(f"{text!r}: use base or a +-joined subset of {AB_PARTS}")
-    return text
-
-
-def _cache_layout(cache: Any) -> str:
-    """How the adapter cache made its copies in the last measurement: off, mirror or concatenate."""
-    if cache is None or not cache.enabled:
-        return "off"
-    return "mirror" if cache._source is not None else "concatenate"
 
 
 def write_report(report: dict[str, Any], out_dir: Path, tag: str) -> Path:

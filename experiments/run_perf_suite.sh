@@ -31,7 +31,7 @@ bench() {  # bench LIMIT_S TAG LAUNCHER... -- ARGS...
 
 case "${1:-single}" in
   single)
-    bench 120 eager_peft python -- --variants plain --peft_lora --grads_into_views --phase_steps 0
+    bench 120 eager_peft python -- --variants plain --peft_lora --phase_steps 0
     bench 420 graphs python -- --variants plain craft_cache craft_online --phase_steps 2 "${GRAPHS[@]}"
     ;;
   multi)  # 2 ranks compiling from a cold cache took > 170 s once: the joined all-reduce (the comparison) goes last

@@ -143,31 +143,45 @@ def _one_process_step(sync: GradientSynchronizer, model: nn.Module, second: torc
     return seen_during_backward
 
 
+def _autograd_sums(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What autograd accumulates in ``.grad`` over the micro-batches of :func:`_one_process_step`, one loss kind
+    at a time, flattened in parameter order (zeros where no gradient arrived)."""
+    sums = {}
+    for kind in ("second", "act"):
+        model.zero_grad(set_to_none=True)
+        for micro in range(MICRO_BATCHES):
+            x, y = data(0, micro)
+            out = model(x)
+            loss = out.square().mean() if kind == "second" else (out - y).square().mean()
+            (loss / MICRO_BATCHES).backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params(model)]
+        sums[kind] = torch.cat([g.reshape(-1) for g in grads])
+    return sums
+
+
 @pytest.mark.parametrize("micro_batches_steps", [1, 3])
-def test_collect_mode_equals_accumulating_into_views(micro_batches_steps: int) -> None:
+def test_collect_mode_sums_what_autograd_accumulates(micro_batches_steps: int) -> None:
     """collect mode (``.grad`` None in the backward, one foreach copy/add after it, no memset) sums exactly
-    what accumulating into zeroed buffer views sums, for two buffers, micro-batches, a parameter without
-    gradient (its slot must be zeroed, not left stale) and repeated steps; afterwards ``.grad`` are views of
-    the gradient buffer (what the optimizer and clipping read)."""
+    what autograd accumulates in ``.grad`` (the views mode of overlap accumulates the same way), for two
+    buffers, micro-batches, a parameter without gradient (its slot must be zeroed, not left stale) and repeated
+    steps; afterwards ``.grad`` are views of the gradient buffer (what the optimizer and clipping read)."""
     ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    results = {}
-    for collect in (False, True):
-        model = make_model()
-        sync = GradientSynchronizer(params(model), ctx, collect=collect)
-        assert sync.collect_mode is collect
-        second = sync.new_buffer()
-        for _ in range(micro_batches_steps):
-            during = _one_process_step(sync, model, second)
-        assert all((g is None) == collect for g in during), "collect mode leaves .grad empty during the backward"
-        for p, view in zip(sync.params, sync.views(sync.grad_buffer)):
-            assert p.grad is not None
-            assert p.grad.data_ptr() == view.data_ptr()
-        results[collect] = (sync.grad_buffer.clone(), second.clone())
-    assert torch.equal(results[True][0], results[False][0])
-    assert torch.equal(results[True][1], results[False][1])
+    model = make_model()
+    sync = GradientSynchronizer(params(model), ctx)
+    assert sync.collect_mode
+    second = sync.new_buffer()
+    for _ in range(micro_batches_steps):
+        during = _one_process_step(sync, model, second)
+    assert all(g is None for g in during), "collect mode leaves .grad empty during the backward"
+    for p, view in zip(sync.params, sync.views(sync.grad_buffer)):
+        assert p.grad is not None
+        assert p.grad.data_ptr() == view.data_ptr()
+    expected = _autograd_sums(make_model())
+    assert torch.equal(sync.grad_buffer, expected["act"])
+    assert torch.equal(second, expected["second"])
     n_unused = sum(p.numel() for p in make_model().unused.parameters())
-    assert results[True][0][:n_unused].abs().max() == 0  # no gradient reached it: zero, not stale
-    assert results[True][0][n_unused:].abs().max() > 0
+    assert sync.grad_buffer[:n_unused].abs().max() == 0  # no gradient reached it: zero, not stale
+    assert sync.grad_buffer[n_unused:].abs().max() > 0
 
 
 def test_collect_mode_backward_after_sync_adds_once() -> None:

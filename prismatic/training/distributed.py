@@ -137,7 +137,7 @@ class GradientSynchronizer:
 
     How a backward's gradients reach the bound buffer (same sums, bit for bit):
 
-    * ``collect`` mode (default without overlap): during the backward ``.grad`` is ``None``, so autograd hands
+    * ``collect`` mode (without overlap): during the backward ``.grad`` is ``None``, so autograd hands
       each parameter its fresh gradient tensor without a kernel; :meth:`collect` (the trainer calls it after
       every backward), :meth:`bind` or :meth:`sync_grads` adds them all into the buffer with one
       ``_foreach_add_`` (a handful of launches; a copy, and no memset before it, for the first backward into
@@ -154,11 +154,7 @@ class GradientSynchronizer:
         ctx: DistributedContext,
         overlap: bool = False,
         bucket_numel: int = 25_000_000,
-        collect: bool = True,
-        align: int = 1,
     ) -> None:
-        if align < 1:
-            raise ValueError(f"align must be >= 1, got {align}")
         self.params = [p for p in params if p.requires_grad]
         bad = [tuple(p.shape) for p in self.params if p.dtype != torch.float32]
         if bad:
@@ -168,20 +164,17 @@ class GradientSynchronizer:
             raise ValueError(f"trainable parameters live on several devices: {devices}")
         self.ctx = ctx
         self.device = next(iter(devices)) if devices else ctx.device
-        # offsets[i]: where parameter i starts (a multiple of ``align``; the gaps stay zero); offsets[-1]: size
-        self.align = align
+        # offsets[i]: where parameter i starts; offsets[-1]: the buffer size
         self.offsets, end = [], 0
         for p in self.params:
-            end += -end % align
             self.offsets.append(end)
             end += p.numel()
-        end += -end % align
         self.offsets.append(end)
         self.numel = end
         self.grad_buffer = self.new_buffer()
         self._views: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # id(buffer) -> (buffer, views)
         self._overlap = _OverlappedReduction(self, bucket_numel) if overlap and ctx.is_distributed else None
-        self.collect_mode = collect and self._overlap is None
+        self.collect_mode = self._overlap is None
         self._attached = False  # collect mode: .grad are views of grad_buffer (after sync_grads)
         self._cleared: set[int] = set()  # collect mode: ids of buffers that are logically zero (see clear)
         self._bound: torch.Tensor | None = None
@@ -335,27 +328,6 @@ class GradientSynchronizer:
         first = self.params[0] if self.params else None
         if self._bound is not self.grad_buffer or (first is not None and first.grad is None):
             self.bind(self.grad_buffer)
-
-    def flat_parameters(self) -> torch.nn.Parameter:
-        """Move every registered parameter into one flat fp32 tensor (each becomes a view at its offset) and
-        return that tensor as a Parameter whose ``.grad`` is the gradient buffer.
-
-        An optimizer over it updates all weights with one fused kernel and almost no Python (~800 tensors
-        otherwise). Needs ``align`` of at least 4 elements (16 bytes): GEMMs reject operands at odd
-        addresses (log item 17 of docs/BENCHMARKS.md); 64 keeps every view 256-byte aligned. Parameter
-        objects stay the same; only their storage moves, so call it before compiling or caching anything
-        that holds on to old storages.
-        """
-        if self.align % 4:
-            raise ValueError(f"flat parameters need align to be a multiple of 4 elements (16 bytes), got {self.align}")
-        flat = torch.zeros(self.numel, dtype=torch.float32, device=self.device)
-        with torch.no_grad():
-            for p, view in zip(self.params, self.views(flat)):
-                view.copy_(p)
-                p.data = view
-        param = torch.nn.Parameter(flat)
-        param.grad = self.grad_buffer
-        return param
 
     def all_reduce(self, *buffers: torch.Tensor) -> None:
         """Average flat fp32 buffers over ranks, in place (no-op for one process).

@@ -9,8 +9,8 @@
 4. ``torch.compile`` of the repeated blocks (``prismatic/training/compilation.py``).
 
 Call it after anything that must see the fp32 start model (CRaFT's cache check fingerprints it) and before
-training. The trainer and CRaFT know none of this: the only contact points are two optional hooks on
-:class:`PolicyModules`, ``batch_check`` (run on each host batch) and ``step_context`` (entered once per step).
+training. The trainer and CRaFT know none of this: the only contact point is an optional hook on
+:class:`PolicyModules`, ``batch_check`` (run on each host batch).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from prismatic.models.llm_attention import (
     use_right_padded_causal_attention,
 )
 from prismatic.training.compilation import compile_policy
-from prismatic.training.fused_lora import adapter_cache, fuse_lora_layers
+from prismatic.training.fused_lora import fuse_lora_layers
 from prismatic.training.trainer import PolicyModules
 
 
@@ -55,8 +55,6 @@ def prepare_policy(modules: PolicyModules, options: SpeedOptions = SpeedOptions(
     modules.batch_check = partial(_check_padding_for, llm)
     if options.fused_lora:
         fuse_lora_layers(modules.vla)  # no LoRA layers (full fine-tuning): nothing to fuse
-    cache = adapter_cache(modules.vla)
-    modules.step_context = cache.active if cache is not None else None  # refreshes the adapters' bf16 copies
     if options.frozen_dtype is not None:
         cast_frozen_parameters(modules, options.frozen_dtype)
     if options.compile:

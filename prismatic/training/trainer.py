@@ -11,6 +11,9 @@ between the all-reduce and ``optimizer.step()``, and takes its dual step after t
 (co-training on task-A questions, ``prismatic/training/task_a.py``) adds a second loss to each micro-batch's
 objective; the logged ``loss`` stays the action loss.
 
+``Trainer.phase_marks`` (None by default) is called with the name of each phase of the step as it ends
+(:data:`PHASES`); ``experiments/bench_train_step.py`` records CUDA events there to time the phases of the real step.
+
 A step with a non-finite loss (or gradient norm) leaves weights and optimizer state untouched: fused
 optimizers skip the update on the device, so nothing waits for the host before ``optimizer.step()``.
 """
@@ -33,15 +36,14 @@ from prismatic.training.distributed import DistributedContext, GradientSynchroni
 class PolicyModules:
     """The trainable pieces of a VLA-Adapter policy. ``vla`` may be a PEFT model.
 
-    ``batch_check`` and ``step_context`` are set by ``prismatic.training.preparation.prepare_policy`` (None:
-    nothing to do): a check of each host batch, and a context entered once per training step (compute dtype).
+    ``batch_check`` is set by ``prismatic.training.preparation.prepare_policy`` (None: nothing to do): a check of
+    each host batch before it moves to the device.
     """
 
     vla: nn.Module
     action_head: nn.Module
     proprio_projector: nn.Module | None
     batch_check: Callable[[dict], None] | None = None
-    step_context: Callable[[torch.dtype | None], contextlib.AbstractContextManager] | None = None
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters inside the VLA: the ones CRaFT's retention loss can reach."""
@@ -60,6 +62,25 @@ class PolicyModules:
         for m in (self.vla, self.action_head, self.proprio_projector):
             if m is not None:
                 m.train(mode)
+
+
+# The phases of a step, in order, as ``Trainer.phase_marks`` is told their ends; a phase the step does not have
+# (e.g. plain fine-tuning: no anchor, no retention backward) is not marked. With several micro-batches the
+# per-micro-batch phases repeat. ``anchor_forward`` is CRaFT's retention loss: f_0 (a cache look-up or the online
+# anchor's forward), the pooling of the student's features and the MSE.
+PHASES = (
+    "start",  # train mode, seeding, CRaFT's begin_step
+    "forward",  # policy forward and action loss
+    "anchor_forward",
+    "backward_ret",
+    "auxiliary",  # the auxiliary task's forward
+    "backward_act",
+    "grad_sync",  # all-reduce of the gradients and losses (what remains of it after the backward)
+    "craft_projection",
+    "regularizer",
+    "optimizer",  # gradient norm (clipping), optimizer and LR schedule
+    "craft_dual",
+)
 
 
 class GradientRegularizer(Protocol):
@@ -167,6 +188,7 @@ class Trainer:
         self.craft = craft
         self.regularizer = regularizer
         self.auxiliary = auxiliary
+        self.phase_marks: Callable[[str], None] | None = None  # told each phase's end (see PHASES); None: silent
         self._training_mode: bool | None = None
 
     def _grad_norm(self) -> torch.Tensor:
@@ -177,11 +199,9 @@ class Trainer:
             return torch.nn.utils.clip_grad_norm_(self.sync.params, self.settings.max_grad_norm)
         return torch.linalg.vector_norm(self.sync.grad_buffer)
 
-    def _prepared(self) -> contextlib.AbstractContextManager:
-        """The preparation step's per-step context (e.g. fused LoRA's compute-dtype adapter copies)."""
-        if self.modules.step_context is None:
-            return contextlib.nullcontext()
-        return self.modules.step_context(self.settings.autocast_dtype)
+    def _mark(self, phase: str) -> None:
+        if self.phase_marks is not None:
+            self.phase_marks(phase)
 
     def _to_device(self, batch: dict) -> dict:
         if self.modules.batch_check is not None:
@@ -230,12 +250,11 @@ class Trainer:
         ``step_index`` (0-based) seeds this step's randomness (head noise, dropout) per rank, so resuming
         at step k replays exactly what an uninterrupted run does, without saving RNG states.
         """
-        with self._prepared():
-            try:
-                return self._step(micro_batches, step_index)
-            except BaseException:
-                self.sync.discard_step()  # a caller that goes on must not inherit half a step's gradients
-                raise
+        try:
+            return self._step(micro_batches, step_index)
+        except BaseException:
+            self.sync.discard_step()  # a caller that goes on must not inherit half a step's gradients
+            raise
 
     def _step(self, micro_batches: Sequence[dict], step_index: int) -> dict[str, torch.Tensor]:
         self._set_mode(True)
@@ -243,46 +262,57 @@ class Trainer:
         n = len(micro_batches)
         if self.craft is not None:
             self.craft.begin_step()
+        self._mark("start")
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro_batches):
             last = i == n - 1
             batch = self._to_device(batch)
             losses, out = self.forward(batch)
+            self._mark("forward")
             if self.craft is not None:
                 with self._autocast():
                     ret = self.craft.retention_loss(out, batch)
+                self._mark("anchor_forward")
                 losses["retention_loss"] = ret
                 # g_ret in its own buffer; the graph is kept for the action loss' backward.
                 g_ret = self.craft.retention_grad_buffer()
                 self.sync.backward(ret / n, into=g_ret, last=last, retain_graph=True)
+                self._mark("backward_ret")
             objective = losses["loss"]
             if self.auxiliary is not None:
                 with self._autocast():
                     aux = self.auxiliary.loss(self.modules.vla, step_index, i, self.ctx.device)
                 losses["auxiliary_loss"] = aux
                 objective = self.auxiliary.combine(objective, aux)
+                self._mark("auxiliary")
             self.sync.backward(objective / n, last=last)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / n
+            self._mark("backward_act")
         names = sorted(sums)
         loss_vec = torch.stack([sums[k] for k in names])
         self.sync.reduce(loss_vec)  # grads (+ g_ret) + losses, averaged over ranks
         metrics = dict(zip(names, loss_vec.unbind()))
         nonfinite = ~torch.isfinite(loss_vec).all()  # rank-averaged: every rank decides alike
         retention = metrics.pop("retention_loss", None)
+        self._mark("grad_sync")
         if self.craft is not None:
             metrics.update(self.craft.apply(self.sync, retention))
+            self._mark("craft_projection")
         if self.regularizer is not None:
             metrics.update(self.regularizer.apply())
+            self._mark("regularizer")
         metrics["grad_norm"] = self._grad_norm()  # of the gradient the optimizer gets (before clipping)
         nonfinite = nonfinite | ~torch.isfinite(metrics["grad_norm"])
         metrics["lr"] = torch.tensor(self.scheduler.get_last_lr()[0], dtype=torch.float64)  # LR of this update
         metrics["skipped_update"] = nonfinite
         optimizer_step_unless(self.optimizer, nonfinite)
         self.scheduler.step()
+        self._mark("optimizer")
         if self.craft is not None:
             # The dual step reads L_ret on the host; after the update, so the GPU is never left waiting.
             metrics.update(self.craft.finish_step(retention))
+            self._mark("craft_dual")
         return metrics
 
     @torch.no_grad()
@@ -292,26 +322,25 @@ class Trainer:
 
         With CRaFT also ``val/retention_loss``: L_ret against the anchor on the held-out frames (the mean over
         the batches the anchor covers, on every rank; absent when it covers none), read here on the host.
-        Each probe (e.g. ``task_a.TaskAValidation``) gets the VLA in eval mode, inside the preparation's context,
-        and returns host floats that are merged in as they are (every rank computes the same ones).
+        Each probe (e.g. ``task_a.TaskAValidation``) gets the VLA in eval mode and returns host floats that are
+        merged in as they are (every rank computes the same ones).
         """
         self._set_mode(False)
         sums: dict[str, torch.Tensor] = {}
         ret_sum = ret_count = torch.zeros((), device=self.ctx.device)
-        with self._prepared():
-            for batch in batches:
-                batch = self._to_device(batch)
-                losses, out = self.forward(batch, per_dimension=True)
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v.float() / max(1, len(batches))
-                if self.craft is not None:
-                    with self._autocast():
-                        ret = self.craft.validation_retention_loss(out, batch)
-                    if ret is not None:
-                        ret_sum, ret_count = ret_sum + ret.float(), ret_count + 1
-            probed: dict[str, float] = {}
-            for probe in probes:
-                probed.update(probe(self.modules.vla, self.ctx.device, self.settings.autocast_dtype))
+        for batch in batches:
+            batch = self._to_device(batch)
+            losses, out = self.forward(batch, per_dimension=True)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.float() / max(1, len(batches))
+            if self.craft is not None:
+                with self._autocast():
+                    ret = self.craft.validation_retention_loss(out, batch)
+                if ret is not None:
+                    ret_sum, ret_count = ret_sum + ret.float(), ret_count + 1
+        probed: dict[str, float] = {}
+        for probe in probes:
+            probed.update(probe(self.modules.vla, self.ctx.device, self.settings.autocast_dtype))
         names = sorted(sums)
         parts = [sums[k] for k in names] + ([ret_sum, ret_count] if self.craft is not None else [])
         vec = torch.stack(parts) if parts else torch.zeros(0, device=self.ctx.device)
