@@ -81,7 +81,7 @@ from prismatic.training.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from prismatic.training.flops import VARIANTS, forward_flops_by_part, model_dims, step_flops
+from prismatic.training.flops import VARIANTS, ModelDims, matmul_terms, model_dims, step_flops
 from prismatic.training.lr_schedule import build_scheduler
 from prismatic.training.model_setup import StartPoint, build_policy
 from prismatic.training.preparation import SpeedOptions, prepare_policy
@@ -175,6 +175,15 @@ def build_benchmark_policy(
         if m is not None:
             m.to(device)
     return prepare_policy(modules, speed), str(init_device)
+
+
+def forward_flops_by_part(dims: ModelDims) -> dict[str, float]:
+    """Forward FLOPs per sample of each part (LoRA terms listed separately), for the report."""
+    parts: dict[str, float] = {}
+    for t in matmul_terms(dims):
+        key = f"{t.part}.lora" if t.lora else t.part
+        parts[key] = parts.get(key, 0.0) + t.flops
+    return parts
 
 
 def parameter_summary(modules: PolicyModules) -> dict[str, Any]:

@@ -56,5 +56,5 @@ def test_step_flops_sum_the_micro_batches_at_their_own_lengths(released) -> None
 def test_peak_table_knows_h100_sxm_and_h200_only() -> None:
     assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_bf16_flops("NVIDIA H200") == 989e12
-    assert peak_bf16_flops("NVIDIA H100 PCIe") is None  # another peak: no MFU rather than a wrong one
-    assert peak_bf16_flops("NVIDIA GeForce RTX 4090") is None
+    for other in ("NVIDIA H100 PCIe", "NVIDIA H200 NVL", "NVIDIA GeForce RTX 4090"):
+        assert peak_bf16_flops(other) is None  # another peak: no MFU rather than a wrong one

@@ -185,13 +185,12 @@ def test_collect_mode_sums_what_autograd_accumulates(micro_batches_steps: int) -
 
 
 def test_collect_mode_backward_after_sync_adds_once() -> None:
-    """A backward between sync_grads and zero_grad accumulates into the attached views, once; binding another
-    buffer afterwards neither adds the gradients again nor leaves them attached."""
+    """A backward after sync_grads accumulates into the attached views, once; binding another buffer afterwards
+    neither adds the gradients again nor leaves them attached."""
     ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     model = make_model()
     sync = GradientSynchronizer(params(model), ctx)
     x, y = data(0, 0)
-    sync.zero_grad()
     (model(x) - y).square().mean().backward()
     sync.sync_grads()
     once = sync.grad_buffer.clone()

@@ -314,21 +314,6 @@ class GradientSynchronizer:
             p.grad = v
         self._attached = True
 
-    def zero_grad(self) -> None:
-        """Zero the gradient buffer (:meth:`clear`) and make it the bound one (``.grad`` -> None in collect
-        mode; in views mode re-bind only if something replaced the views, e.g. set ``.grad`` to None)."""
-        if self._overlap is not None:
-            self._overlap.reset()  # an interrupted step's collectives finish before the buffer is zeroed
-        self._queued = []  # nothing from an interrupted step may be reduced again
-        self.clear(self.grad_buffer)
-        if self.collect_mode:
-            self._detach()
-            self._bound = self.grad_buffer
-            return
-        first = self.params[0] if self.params else None
-        if self._bound is not self.grad_buffer or (first is not None and first.grad is None):
-            self.bind(self.grad_buffer)
-
     def all_reduce(self, *buffers: torch.Tensor) -> None:
         """Average flat fp32 buffers over ranks, in place (no-op for one process).
 

@@ -3,7 +3,7 @@
 Matmul FLOPs only, counted per sample from the dimensions of the modules as built (the ViTs are instantiated on
 the meta device to read them); the assumptions are in :func:`step_flops`. Used by
 ``experiments/bench_train_step.py`` (its MFU column) and by ``vla-scripts/finetune.py`` (``perf/mfu`` on GPUs
-whose peak is in :data:`PEAK_BF16_FLOPS`). ``tests/test_flops.py`` checks the count against
+whose peak is in :data:`PEAK_BF16_FLOPS`). ``tests/test_bench_train_step.py`` checks the count against
 ``torch.utils.flop_counter`` on a real training step of the tiny model.
 """
 
@@ -22,18 +22,14 @@ from prismatic.vla.constants import LIBERO, NUM_TOKENS, PlatformConstants
 VARIANTS = ("plain", "craft_cache", "craft_online")  # action loss only; + L_ret from a cache; + online anchor
 DEFAULT_TEXT_LEN = 41 + NUM_TOKENS  # the benchmark's prompt (41 tokens) + 64 action slots: 617 LLM positions
 
-# Dense bf16 tensor-core peak per device, by a substring of ``torch.cuda.get_device_name`` (first match wins).
-# A card that is not listed gets no MFU.
-PEAK_BF16_FLOPS = (
-    ("H100 80GB HBM3", 989e12),  # H100 SXM
-    ("H100 SXM", 989e12),
-    ("H200", 989e12),  # same compute as the H100 SXM
-)
+# Dense bf16 tensor-core peak FLOP/s by ``torch.cuda.get_device_name``; a card not listed (e.g. the PCIe and NVL
+# parts, with lower clocks) gets no MFU.
+PEAK_BF16_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}  # H100 SXM; H200 SXM: same compute
 
 
 def peak_bf16_flops(device_name: str) -> float | None:
     """The card's dense bf16 peak in FLOP/s from :data:`PEAK_BF16_FLOPS`, or None when it is not listed."""
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in device_name), None)
+    return PEAK_BF16_FLOPS.get(device_name)
 
 
 @dataclass(frozen=True)
@@ -295,15 +291,6 @@ def step_flops(dims: ModelDims, variant: str) -> dict[str, float]:
     }
     out["total"] = sum(out.values())
     return out
-
-
-def forward_flops_by_part(dims: ModelDims) -> dict[str, float]:
-    """Forward FLOPs per sample of each part (LoRA terms listed separately), for the report."""
-    parts: dict[str, float] = {}
-    for t in matmul_terms(dims):
-        key = f"{t.part}.lora" if t.lora else t.part
-        parts[key] = parts.get(key, 0.0) + t.flops
-    return parts
 
 
 class StepFlops:
