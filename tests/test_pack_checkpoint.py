@@ -33,7 +33,7 @@ def test_round_trip_is_exact_and_references_are_left_out(tiny_base: Path, tmp_pa
     # What a CUDA LoRA run saves of the tied lm_head: the frozen embedding after its bf16 cast, back in float32.
     rounded = embedding.to(torch.bfloat16).float()
     assert not torch.equal(rounded, embedding)
-    save_file({"lm_head": rounded}, str(src / "adapter.safetensors"))
+    save_file({"lm_head": rounded, "lm_head_bf16": embedding.to(torch.bfloat16)}, str(src / "adapter.safetensors"))
     (src / "training_state").mkdir()
     torch.save({"optimizer": torch.ones(3)}, src / "training_state" / "state.pt")
     ref = tmp_path / "ref.pt"
@@ -45,6 +45,7 @@ def test_round_trip_is_exact_and_references_are_left_out(tiny_base: Path, tmp_pa
     assert size(plain) - size(with_ref) > 0.5 * embedding.numel() * embedding.element_size()  # fp32 noise: <20% zlib
     refs = pack_checkpoint.load_references([ref])
     assert pack_checkpoint._encode(rounded, refs)[0] == "ref"  # the bf16 rounding travels as a reference too
+    assert pack_checkpoint._encode(embedding.to(torch.bfloat16), refs)[0] == "ref"
     assert pack_checkpoint._encode(rounded + 1, refs)[0] == "data"
 
     dst = tmp_path / "dst"

@@ -11,11 +11,12 @@ both travel as the tensors that changed.
         --vit_embed_dims 128 192 --vit_depth 4        # the study VLM's seeded embedding (pretraining freezes it)
 
 A tensor byte-equal to one in a ``--ref`` file (.pt of nested dicts of tensors, or .safetensors), or to a float32
-one's bfloat16 rounding, is stored as a reference to it; unpack needs the same reference files. Other tensors
-are split into byte planes and zlib-compressed (the sign/exponent plane of float weights compresses well).
-``training_state/*.pt`` (optimizer state) is left out. Unpack rewrites .pt files with torch.save of the same
-nested dicts and .safetensors files with their metadata, and checks each file's tensor-content sha256 (names,
-dtypes, shapes, bytes) against the packer's; other files are copied and checked byte for byte.
+one's bfloat16 rounding (as bf16 or as float32), is stored as a reference to it; unpack needs the same reference
+files. Other tensors are split into byte planes and zlib-compressed (the sign/exponent plane of float weights
+compresses well). ``training_state/*.pt`` (optimizer state) is left out. Unpack rewrites .pt files with
+torch.save of the same nested dicts and .safetensors files with their metadata, and checks each file's
+tensor-content sha256 (names, dtypes, shapes, bytes) against the packer's; other files are copied and checked
+byte for byte.
 """
 
 from __future__ import annotations
@@ -70,16 +71,17 @@ def _read(path: Path) -> Any:
 
 
 def load_references(files: Sequence[str | Path]) -> dict[Key, torch.Tensor]:
-    """Every tensor of ``files`` by content, plus each float32 tensor rounded through bfloat16: a CUDA run keeps
-    frozen base weights in bf16 (prepare_policy), so what it saves of them (e.g. the tied lm_head in a LoRA
-    adapter) is the reference's bf16 rounding, not the reference itself."""
+    """Every tensor of ``files`` by content, plus each float32 tensor's bfloat16 rounding (in bf16 and back in
+    float32): a CUDA run keeps frozen base weights in bf16 (prepare_policy), so what it saves of them (e.g. the
+    tied lm_head in a LoRA adapter) is the reference's bf16 rounding, not the reference itself."""
     refs: dict[Key, torch.Tensor] = {}
     for f in files:
         for _, t in _leaves(_read(Path(f))):
             refs[_key(t)] = t
             if t.dtype == torch.float32:
-                rounded = t.to(torch.bfloat16).to(torch.float32)
-                refs.setdefault(_key(rounded), rounded)
+                rounded = t.to(torch.bfloat16)
+                for variant in (rounded, rounded.to(torch.float32)):
+                    refs.setdefault(_key(variant), variant)
     return refs
 
 
