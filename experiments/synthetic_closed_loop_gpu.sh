@@ -15,6 +15,8 @@
 # --pos_embed_init random|sincos, default $POS_EMBED or random; lora: 1 = LoRA of rank $LORA_RANK (default 32),
 # default 0 = full fine-tuning). BASE=<base run dir> starts every run from that base VLM instead (e.g. the task-A
 # VLM of vla-scripts/pretrain_synthetic_vlm.py: BASE=<out>/base, its hf_config next to it is used).
+# UNTIL_SUCCESS=1 ends every episode at the expert's success (--synthetic_until_success True; LIBERO demos end
+# there too) instead of a 20-40 step length that is mostly "hold still" frames with x/y = 0.
 # VAL_FREQ=N (default 0) validates every N steps on VAL_BATCHES (default 15) held-out batches: metrics.jsonl then
 # holds val/l1_current_dim<i>, the current action's L1 per dimension. Each run warms up for 2% of its steps, decays the LR x0.1 for its
 # last sixth and saves every SAVE_EVERY steps (default steps/4). Data: --seed 0, so episode i of the torch source
@@ -53,6 +55,7 @@ for spec in $RUNS; do
   save="${SAVE_EVERY:-$((steps / 4))}"
   $PY vla-scripts/finetune.py --vlm_path "$base" --use_minivlm True \
     --config_file_path "$base/hf_config" --data_source synthetic --synthetic_num_episodes "$EPISODES" \
+    --synthetic_until_success "$([ "${UNTIL_SUCCESS:-0}" = 1 ] && echo True || echo False)" \
     --dataset_name synthetic_no_noops --seed 0 --run_root_dir "$OUT/runs" --run_id_override "$id" \
     --num_images_in_input "${images:-2}" "${lora_flags[@]}" --image_aug False --batch_size "$bs" --learning_rate "$lr" \
     --lr_warmup_steps $((steps / 50)) --num_steps_before_decay $((steps * 5 / 6)) --max_steps "$steps" \

@@ -46,6 +46,7 @@ else
 fi
 if [ "$RUNS" != none ]; then
   setsid env BASE=/tmp/vlmA/base OUT=/tmp/cl RUNS="$RUNS" EPISODES="$EPISODES" SAVE_EVERY="$SAVE_EVERY" \
+    UNTIL_SUCCESS="${UNTIL_SUCCESS:-0}" \
     VAL_FREQ="$VAL_FREQ" bash experiments/synthetic_closed_loop_gpu.sh > "$S/arms.log" 2>&1 &
   arms=$!
   while kill -0 "$arms" 2>/dev/null && [ "$(el)" -lt "$DEADLINE" ]; do sleep 5; done

@@ -80,6 +80,7 @@ class CacheBuildConfig:
     synthetic_num_episodes: int = 32        # --data_source synthetic: as finetune's flag of the same name
     synthetic_min_len: int = 20             # --data_source synthetic: shortest episode (frames)
     synthetic_max_len: int = 40             # --data_source synthetic: longest episode (frames)
+    synthetic_until_success: bool = False   # --data_source synthetic: as finetune's flag (overrides min/max len)
     num_parallel_calls: int | None = None   # tf.data parallelism (None = autotune)
 
     # --- Features (as finetune's --craft_anchor_layer_idx / --craft_use_mean_pooling / ...) ----------------
@@ -184,7 +185,7 @@ def ordered_synthetic(cfg: CacheBuildConfig, ctx: DistributedContext) -> Ordered
 
     source = SyntheticTorchSource(
         cfg.synthetic_num_episodes,
-        episode_length=(cfg.synthetic_min_len, cfg.synthetic_max_len),
+        episode_length="success" if cfg.synthetic_until_success else (cfg.synthetic_min_len, cfg.synthetic_max_len),
         seed=cfg.seed,
         dataset_name=cfg.dataset_name,
         num_images=cfg.num_images_in_input,

@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_episodes", type=int, default=20)
     parser.add_argument("--min_len", type=int, default=20, help="shortest episode, in steps")
     parser.add_argument("--max_len", type=int, default=40, help="longest episode, in steps")
+    parser.add_argument(
+        "--until_success", action="store_true", help="end each episode at the expert's success (ignores min/max_len)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--version", default="1.0.0")
     parser.add_argument("--num_shards", type=int, default=None, help="TFRecord files (default: tfds decides)")
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> Path:
         seed=args.seed,
         version=args.version,
         num_shards=args.num_shards,
+        until_success=args.until_success,
     )
     print(f"wrote {args.num_episodes} episodes to {out}")
     return out

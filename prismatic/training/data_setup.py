@@ -63,14 +63,17 @@ def _synthetic_data(cfg: Any, ctx: DistributedContext) -> TrainingData:
     from prismatic.vla.datasets.batching import PaddedCollator
     from prismatic.vla.datasets.torch_source import SyntheticTorchSource, iterate_global_batches
 
+    length = "success" if cfg.synthetic_until_success else (20, 40)
     source = SyntheticTorchSource(
         num_episodes=cfg.synthetic_num_episodes,
+        episode_length=length,
         seed=cfg.seed,
         dataset_name=cfg.dataset_name,
         num_images=cfg.num_images_in_input,
     )
     held_out = SyntheticTorchSource(
         num_episodes=max(2, cfg.synthetic_num_episodes // 8),
+        episode_length=length,
         seed=cfg.seed + 10_007,  # other episodes of the same task
         dataset_name=cfg.dataset_name,
         num_images=cfg.num_images_in_input,

@@ -61,6 +61,7 @@ class FinetuneConfig(CraftFlags):
     num_images_in_input: int = 2            # 1 = third-person only, 2 = + wrist camera
     use_proprio: bool = True                # feed proprio to the action head through the ProprioProjector
     synthetic_num_episodes: int = 32        # --data_source synthetic: episodes rendered in memory
+    synthetic_until_success: bool = False   # --data_source synthetic: episodes end at the expert's success
     val_freq: int = 0                       # validation L1 on held-out episodes every N steps (0 = off)
     val_batches: int = 4                    # batches per validation pass
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prismatic.vla.datasets.rlds import import_tfds
-from prismatic.vla.datasets.synthetic_task import SPEC, episode_length, render_episode
+from prismatic.vla.datasets.synthetic_task import SPEC, episode_length, render_episode, steps_to_success
 
 
 def libero_features() -> Any:
@@ -146,15 +146,23 @@ def write_synthetic_rlds(
     seed: int = 0,
     version: str = "1.0.0",
     num_shards: int | None = None,
+    until_success: bool = False,
 ) -> Path:
-    """Build the dataset at `<data_root_dir>/<dataset_name>/<version>/` and return that directory."""
+    """Build the dataset at `<data_root_dir>/<dataset_name>/<version>/` and return that directory.
+
+    ``until_success``: each episode ends with the expert action that completes the task (as LIBERO demos do)
+    instead of a length drawn from [min_len, max_len].
+    """
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
     episode_length(seed, 0, min_len, max_len)  # validates the length range before any work
 
+    def length(index: int) -> int:
+        return steps_to_success(seed, index) if until_success else episode_length(seed, index, min_len, max_len)
+
     def episodes() -> Iterable[dict]:
         for index in range(num_episodes):
-            yield render_episode(seed, index, episode_length(seed, index, min_len, max_len))
+            yield render_episode(seed, index, length(index))
 
     description = f"Synthetic LIBERO-format pick-and-lift task (seed={seed}, {num_episodes} episodes)."
     return write_episodes_rlds(

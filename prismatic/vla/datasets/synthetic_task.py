@@ -331,6 +331,24 @@ def axisangle_to_quat(axis_angle: np.ndarray) -> np.ndarray:
     return np.concatenate([v / angle * np.sin(angle / 2.0), [np.cos(angle / 2.0)]])
 
 
+def steps_to_success(seed: int, episode_index: int, spec: SyntheticTaskSpec = SPEC, max_steps: int = 500) -> int:
+    """Expert actions after which the episode's task first succeeds: the length of a demo that ends at success,
+    as LIBERO's demos do (``render_episode(seed, i, steps_to_success(seed, i))``).
+
+    Why: with a fixed 20-40 step length most frames come after success (the arm holds still), so x/y is zero in
+    ~80% of the training frames and an L1 head stays on the constant-predictor plateau far longer
+    (experiments/head_localisation_probe.py). The expert's motion and the success check read only the scene, never
+    the rng, so the images are not rendered here.
+    """
+    env = PickLiftEnv(spec)
+    env.reset(episode_rng(seed, episode_index))
+    for t in range(1, max_steps + 1):
+        env._advance(env.expert_action())
+        if env.check_success():
+            return t
+    raise RuntimeError(f"the expert did not succeed within {max_steps} steps (seed {seed}, episode {episode_index})")
+
+
 def render_episode(seed: int, episode_index: int, length: int, spec: SyntheticTaskSpec = SPEC) -> dict:
     """Render one deterministic expert episode: ``PickLiftEnv`` driven by ``expert_action``.
 

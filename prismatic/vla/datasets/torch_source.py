@@ -41,7 +41,7 @@ from prismatic.vla.datasets.batching import Example, FrameToExample, PaddedColla
 from prismatic.vla.datasets.rlds import LIBERO_CONFIG, RestructureConfig  # tf-free at import (lazy tf)
 from prismatic.vla.datasets.statistics import compute_statistics, normalize_bounds_q99
 from prismatic.vla.datasets.synthetic_task import episode_length as draw_length
-from prismatic.vla.datasets.synthetic_task import render_episode
+from prismatic.vla.datasets.synthetic_task import render_episode, steps_to_success
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -110,12 +110,22 @@ def render_episodes(jobs: list[tuple[int, int, int, int]], workers: int) -> list
 # --------------------------------------------------------------------------------------------------------------
 # The map-style source.
 # --------------------------------------------------------------------------------------------------------------
+def _length(seed: int, index: int, episode_length: int | tuple[int, int] | str) -> int:
+    if episode_length == "success":
+        return steps_to_success(seed, index)
+    if isinstance(episode_length, str):
+        raise ValueError(f"episode_length must be an int, a (min, max) range or 'success', got {episode_length!r}")
+    lo, hi = (episode_length, episode_length) if isinstance(episode_length, int) else episode_length
+    return draw_length(seed, index, lo, hi)
+
+
 class SyntheticTorchSource(Dataset):
     """Indexable dataset of examples rendered by ``synthetic_task.render_episode``; fully deterministic.
 
     All episodes are rendered at construction and kept in memory as uint8 at ``image_size``
     (about 2 x 150 KB per frame at 224 px), which makes ``__getitem__`` cheap and order-independent.
-    ``episode_length`` is an int or an inclusive (min, max) range; lengths are drawn from ``seed``.
+    ``episode_length`` is an int, an inclusive (min, max) range (lengths drawn from ``seed``) or ``"success"``
+    (each episode ends with the expert action that completes the task, as LIBERO demos do).
     ``prompt_tokenizer`` defaults to ``PromptTokenizer(load_qwen_tokenizer())``. ``statistics`` (one dataset's
     entry of dataset_statistics.json) normalizes with given statistics instead of this source's own.
     ``workers`` (default ``$SYNTHETIC_SOURCE_WORKERS`` or 0) renders episodes in that many forked processes.
@@ -124,7 +134,7 @@ class SyntheticTorchSource(Dataset):
     def __init__(
         self,
         num_episodes: int,
-        episode_length: int | tuple[int, int] = (20, 40),
+        episode_length: int | tuple[int, int] | str = (20, 40),
         seed: int = 0,
         dataset_name: str = "synthetic_libero",
         num_images: int = 2,
@@ -136,8 +146,7 @@ class SyntheticTorchSource(Dataset):
         if num_episodes < 1:
             raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
         self.seed, self.dataset_name, self.num_images = seed, dataset_name, num_images
-        lo, hi = (episode_length, episode_length) if isinstance(episode_length, int) else episode_length
-        jobs = [(seed, i, draw_length(seed, i, lo, hi), image_size) for i in range(num_episodes)]
+        jobs = [(seed, i, _length(seed, i, episode_length), image_size) for i in range(num_episodes)]
         episodes = render_episodes(jobs, default_workers() if workers is None else workers)
         trajectories = [training_trajectory(ep) for ep in episodes]
         if statistics is None:  # held-out sources pass the training statistics instead, as at deployment
