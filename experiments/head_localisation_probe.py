@@ -6,8 +6,10 @@ rotation but predicted x/y like a constant (craft_progress.md, phase 5). This pr
 position code + noise, where one token has the target colour and one a distractor colour; the label's x/y is the
 target token's column/row in [-1, 1] (the other 5 action dimensions are 0). Every LLM layer the head reads gets
 the same tokens; the 64 action-query states are fixed random vectors, the same for every sample (as for a frozen
-VLM with no instruction-dependent queries). It measures how long the head stays on the constant-predictor plateau
-as P, the loss, the gate initialisation, the block type and label sparsity change.
+VLM with no instruction-dependent queries) except on --sparse "do not move" samples (all-zero action), where a
+fixed cue is added to them, as the gripper state tells those frames apart in the real task. It measures how
+long the head stays on the constant-predictor plateau as P, the loss, the gate initialisation, the block type
+and label sparsity change.
 
     python experiments/head_localisation_probe.py --num_tokens 64 --steps 1500
 
@@ -47,8 +49,12 @@ def make_batch(
     xy = torch.stack([(target % side).float(), (target // side).float()], 1) / (side - 1) * 2 - 1
     actions = torch.zeros(n, 8, 7)
     actions[:, :, :2] = xy[:, None]
-    actions[torch.rand(n, generator=generator) < sparse] = 0  # frames whose label says "do not move"
-    hidden = torch.cat((tokens[:, None].expand(n, num_blocks + 1, -1, -1), queries[None].expand(n, -1, -1, -1)), dim=2)
+    still = torch.rand(n, generator=generator) < sparse  # frames whose label says "do not move"
+    actions[still] = 0
+    # ... and say so in the query states (as the gripper state in proprio does in the real task), so the best
+    # prediction given the input is still the target's position on the other frames.
+    query_states = queries[None] + still[:, None, None, None] * codes["still"]
+    hidden = torch.cat((tokens[:, None].expand(n, num_blocks + 1, -1, -1), query_states), dim=2)
     return hidden, actions
 
 
@@ -61,6 +67,7 @@ def run(args: argparse.Namespace) -> dict:
         "pos": torch.randn(args.num_tokens, args.dim, generator=g) * 0.5,
         "colours": torch.randn(3, args.dim, generator=g),  # background, target, distractor
         "queries": torch.randn(args.num_blocks + 1, NUM_QUERIES, args.dim, generator=g),
+        "still": torch.randn(args.dim, generator=g),  # the cue of a "do not move" frame
     }
     torch.manual_seed(args.seed)
     head = L1RegressionActionHead(
@@ -109,7 +116,7 @@ def main() -> None:
     p.add_argument("--block", choices=("pro", "original"), default="pro")
     p.add_argument("--loss", choices=("l1", "mse"), default="l1")
     p.add_argument("--gate_init", type=float, default=0.0, help="gating_factor at init (tanh of it gates the task)")
-    p.add_argument("--sparse", type=float, default=0.0, help="share of samples whose action is all zero")
+    p.add_argument("--sparse", type=float, default=0.0, help="share of samples whose action is all zero (cued)")
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--steps", type=int, default=1500)
