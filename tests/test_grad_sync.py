@@ -200,3 +200,46 @@ def test_collect_mode_backward_after_sync_adds_once() -> None:
     torch.testing.assert_close(sync.grad_buffer, 2 * once, rtol=1e-6, atol=0)
     assert all(p.grad is None for p in sync.params)
     assert other.abs().max() == 0
+
+
+class _FailInBackward(torch.autograd.Function):
+    """Identity whose backward raises: autograd has already written the gradients of the layers after it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("failing half-way through the backward")
+
+
+def _plain_step(sync: GradientSynchronizer, model: nn.Module) -> None:
+    """Two micro-batches into the gradient buffer only (no CRaFT buffer, so nothing rebinds in between)."""
+    for micro in range(MICRO_BATCHES):
+        x, y = data(0, micro)
+        sync.backward((model(x) - y).square().mean() / MICRO_BATCHES, last=micro == MICRO_BATCHES - 1)
+    sync.reduce()
+
+
+@pytest.mark.parametrize("after_a_step", [False, True])
+def test_collect_mode_interrupted_backward_leaves_nothing_behind(after_a_step: bool) -> None:
+    """A backward that raises part-way (after some parameters got gradients), then ``discard_step`` (what
+    ``Trainer.step`` calls), then a clean step: the same buffer, bit for bit, as a fresh synchronizer's clean
+    step. ``after_a_step``: the failure comes after a finished step, when ``.grad`` are the buffer's views."""
+    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    model = make_model()
+    sync = GradientSynchronizer(params(model), ctx)
+    if after_a_step:
+        _plain_step(sync, model)
+    x, y = data(0, 0)
+    hidden = _FailInBackward.apply(model.body[:2](x * model.late.input_scale))
+    with pytest.raises(RuntimeError, match="half-way"):
+        sync.backward((model.body[2:](hidden) - y).square().mean().mul(1e3))
+    sync.discard_step()
+    _plain_step(sync, model)
+
+    fresh_model = make_model()
+    fresh = GradientSynchronizer(params(fresh_model), ctx)
+    _plain_step(fresh, fresh_model)
+    assert torch.equal(sync.grad_buffer, fresh.grad_buffer)

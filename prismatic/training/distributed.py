@@ -217,6 +217,8 @@ class GradientSynchronizer:
         collectives are awaited and dropped, and the next backward starts from zeroed buffers."""
         if self._overlap is not None:
             self._overlap.reset()
+        if self.collect_mode:  # a backward that raised part-way left some gradients in .grad: drop them
+            self._detach()
         self._queued = []
         self._step_buffers = None
 
