@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
-from prismatic.models.checkpoints import merge_lora, merged_state_dict
+from prismatic.models.checkpoints import CheckpointError, merge_lora, merged_lora_weight, merged_state_dict
 from prismatic.training.model_setup import apply_lora
 
 RANK = 4
@@ -58,3 +59,19 @@ def test_merged_weights_equal_the_float64_merge_at_both_call_sites(tiny_model: n
     assert set(merged) == set(state) | {"language_model.lm_head.weight"}
     for key, value in state.items():
         assert torch.equal(merged[key], value), key  # one implementation: the same bits
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [({"use_dora": True}, "DoRA"), ({"lora_bias": True}, "LoRA bias"), ({}, "fan_in_fan_out")],
+)
+def test_other_peft_variants_are_refused_by_name(config: dict, named: str) -> None:
+    """A PEFT variant the merge does not implement is refused, not merged as plain LoRA (a wrong weight)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(nn.Sequential(nn.Linear(6, 5)), LoraConfig(r=2, target_modules=["0"], **config))
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A"))
+    if named == "fan_in_fan_out":
+        layer.fan_in_fan_out = True  # PEFT sets it only for GPT-2's Conv1D layers (W stored transposed)
+    with pytest.raises(CheckpointError, match=named):
+        merged_lora_weight(layer, "cpu")

@@ -702,10 +702,29 @@ def _lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def merged_lora_weight(layer: nn.Module, device: torch.device | str) -> torch.Tensor:
     """The one LoRA merge: ``W + scale * B @ A`` summed over the layer's active adapters, formed in fp32 on
     ``device`` and returned there in W's dtype (a Conv2d's A is a conv with the base kernel, its B a 1x1 conv:
-    the delta is ``B.flatten(1) @ A.flatten(1)`` in W's shape). The layer is not changed."""
+    the delta is ``B.flatten(1) @ A.flatten(1)`` in W's shape). The layer is not changed. In fp32 this equals
+    PEFT's ``merge_and_unload`` bit for bit; a bf16 W is rounded once here (PEFT rounds the delta, then the sum:
+    up to 1 bf16 ulp apart).
+
+    Only what this project's adapters use is supported (upstream's: plain LoRA on Linear/Conv2d); a layer with
+    another PEFT variant is refused by name rather than merged wrongly."""
     base_weight = layer.base_layer.weight
     w = base_weight.detach().to(device, torch.float32, copy=True)
     for adapter in layer.active_adapters:
+        unsupported = [
+            what
+            for what, used in (
+                ("already merged", bool(getattr(layer, "merged_adapters", []))),
+                ("fan_in_fan_out", bool(getattr(layer, "fan_in_fan_out", False))),
+                ("DoRA", bool(getattr(layer, "use_dora", {}).get(adapter, False))),
+                ("LoRA bias", bool(getattr(layer, "lora_bias", {}).get(adapter, False))),
+                ("embedding LoRA", adapter in getattr(layer, "lora_embedding_A", {})),
+                ("grouped conv", getattr(layer.base_layer, "groups", 1) != 1),
+            )
+            if used
+        ]
+        if unsupported:
+            raise CheckpointError(f"cannot merge adapter {adapter!r} of {type(layer).__name__}: {unsupported}")
         if adapter not in layer.lora_A:
             continue
         a = layer.lora_A[adapter].weight.detach().to(device, torch.float32)
