@@ -45,11 +45,12 @@ def test_torch_source_episodes_end_at_success(prompt_tokenizer):
         4, episode_length="success", seed=SEED, dataset_name="synthetic_libero", prompt_tokenizer=prompt_tokenizer,
         workers=0,
     )  # fmt: skip
-    lengths = [len(ep["proprio"]) for ep in source._episodes]
-    assert lengths == [steps_to_success(SEED, i) for i in range(4)]
+    want = [_success_step_with_rendering(SEED, i) for i in range(4)]
+    assert len(source) == sum(want)
+    last_frames = np.cumsum(want) - 1
+    assert [source.locate(int(i)) for i in last_frames] == [(e, n - 1) for e, n in enumerate(want)]
     # The last stored action is the lift that succeeds (z up), not a "hold still" frame.
-    last = np.stack([ep["actions"][-1, 0] for ep in source._episodes])  # [4, 7] normalized
-    assert np.all(last[:, 2] > 0)
+    assert all(source.frame(int(i))["actions"][0, 2] > 0 for i in last_frames)
     with pytest.raises(ValueError, match="'success'"):
         SyntheticTorchSource(1, episode_length="until_done", prompt_tokenizer=prompt_tokenizer, workers=0)
 
@@ -62,4 +63,4 @@ def test_rlds_writer_ends_episodes_at_success(tmp_path):
 
     builder = tfds.builder_from_directory(str(out))
     lengths = sorted(len(list(ep["steps"])) for ep in builder.as_dataset(split="train"))
-    assert lengths == sorted(steps_to_success(SEED, i) for i in range(3))
+    assert lengths == sorted(_success_step_with_rendering(SEED, i) for i in range(3))

@@ -61,9 +61,13 @@ def build_training_data(cfg: Any, ctx: DistributedContext) -> TrainingData:
 
 def _synthetic_data(cfg: Any, ctx: DistributedContext) -> TrainingData:
     from prismatic.vla.datasets.batching import PaddedCollator
-    from prismatic.vla.datasets.torch_source import SyntheticTorchSource, iterate_global_batches
+    from prismatic.vla.datasets.torch_source import (
+        DEFAULT_EPISODE_LENGTH,
+        SyntheticTorchSource,
+        iterate_global_batches,
+    )
 
-    length = "success" if cfg.synthetic_until_success else (20, 40)
+    length = "success" if cfg.synthetic_until_success else DEFAULT_EPISODE_LENGTH
     source = SyntheticTorchSource(
         num_episodes=cfg.synthetic_num_episodes,
         episode_length=length,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prismatic.vla.datasets.rlds import import_tfds
-from prismatic.vla.datasets.synthetic_task import SPEC, episode_length, render_episode, steps_to_success
+from prismatic.vla.datasets.synthetic_task import SPEC, demo_length, episode_length, render_episode
 
 
 def libero_features() -> Any:
@@ -157,12 +157,11 @@ def write_synthetic_rlds(
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
     episode_length(seed, 0, min_len, max_len)  # validates the length range before any work
 
-    def length(index: int) -> int:
-        return steps_to_success(seed, index) if until_success else episode_length(seed, index, min_len, max_len)
+    lengths = "success" if until_success else (min_len, max_len)
 
     def episodes() -> Iterable[dict]:
         for index in range(num_episodes):
-            yield render_episode(seed, index, length(index))
+            yield render_episode(seed, index, demo_length(seed, index, lengths))
 
     description = f"Synthetic LIBERO-format pick-and-lift task (seed={seed}, {num_episodes} episodes)."
     return write_episodes_rlds(

@@ -349,6 +349,17 @@ def steps_to_success(seed: int, episode_index: int, spec: SyntheticTaskSpec = SP
     raise RuntimeError(f"the expert did not succeed within {max_steps} steps (seed {seed}, episode {episode_index})")
 
 
+def demo_length(seed: int, episode_index: int, lengths: int | tuple[int, int] | str) -> int:
+    """One episode's length: fixed (int), drawn from an inclusive (min, max) range, or ``"success"``
+    (:func:`steps_to_success`). The one rule for the torch source and the RLDS writer."""
+    if lengths == "success":
+        return steps_to_success(seed, episode_index)
+    if isinstance(lengths, str):
+        raise ValueError(f"episode lengths must be an int, a (min, max) range or 'success', got {lengths!r}")
+    lo, hi = (lengths, lengths) if isinstance(lengths, int) else lengths
+    return episode_length(seed, episode_index, lo, hi)
+
+
 def render_episode(seed: int, episode_index: int, length: int, spec: SyntheticTaskSpec = SPEC) -> dict:
     """Render one deterministic expert episode: ``PickLiftEnv`` driven by ``expert_action``.
 

@@ -40,8 +40,7 @@ from prismatic.vla.constants import (
 from prismatic.vla.datasets.batching import Example, FrameToExample, PaddedCollator
 from prismatic.vla.datasets.rlds import LIBERO_CONFIG, RestructureConfig  # tf-free at import (lazy tf)
 from prismatic.vla.datasets.statistics import compute_statistics, normalize_bounds_q99
-from prismatic.vla.datasets.synthetic_task import episode_length as draw_length
-from prismatic.vla.datasets.synthetic_task import render_episode, steps_to_success
+from prismatic.vla.datasets.synthetic_task import demo_length, render_episode
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -75,6 +74,7 @@ def resize_uint8(images: np.ndarray, size: int) -> torch.Tensor:
 
 
 WORKERS_ENV = "SYNTHETIC_SOURCE_WORKERS"
+DEFAULT_EPISODE_LENGTH = (20, 40)  # inclusive range of steps per synthetic episode (finetune.py's default)
 
 
 def default_workers() -> int:
@@ -110,15 +110,6 @@ def render_episodes(jobs: list[tuple[int, int, int, int]], workers: int) -> list
 # --------------------------------------------------------------------------------------------------------------
 # The map-style source.
 # --------------------------------------------------------------------------------------------------------------
-def _length(seed: int, index: int, episode_length: int | tuple[int, int] | str) -> int:
-    if episode_length == "success":
-        return steps_to_success(seed, index)
-    if isinstance(episode_length, str):
-        raise ValueError(f"episode_length must be an int, a (min, max) range or 'success', got {episode_length!r}")
-    lo, hi = (episode_length, episode_length) if isinstance(episode_length, int) else episode_length
-    return draw_length(seed, index, lo, hi)
-
-
 class SyntheticTorchSource(Dataset):
     """Indexable dataset of examples rendered by ``synthetic_task.render_episode``; fully deterministic.
 
@@ -134,7 +125,7 @@ class SyntheticTorchSource(Dataset):
     def __init__(
         self,
         num_episodes: int,
-        episode_length: int | tuple[int, int] | str = (20, 40),
+        episode_length: int | tuple[int, int] | str = DEFAULT_EPISODE_LENGTH,
         seed: int = 0,
         dataset_name: str = "synthetic_libero",
         num_images: int = 2,
@@ -146,7 +137,7 @@ class SyntheticTorchSource(Dataset):
         if num_episodes < 1:
             raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
         self.seed, self.dataset_name, self.num_images = seed, dataset_name, num_images
-        jobs = [(seed, i, _length(seed, i, episode_length), image_size) for i in range(num_episodes)]
+        jobs = [(seed, i, demo_length(seed, i, episode_length), image_size) for i in range(num_episodes)]
         episodes = render_episodes(jobs, default_workers() if workers is None else workers)
         trajectories = [training_trajectory(ep) for ep in episodes]
         if statistics is None:  # held-out sources pass the training statistics instead, as at deployment
