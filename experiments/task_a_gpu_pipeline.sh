@@ -15,6 +15,9 @@
 #     DEADLINE=540 bash experiments/task_a_gpu_pipeline.sh       # RUNS=none: pretraining only
 # BASE_PACK=<prefix> skips pretraining: the base comes from an earlier call's base.partNN (carried in), and only
 # arms come back (as many as fit, best held-out x/y L1 first).
+# TINY_RUNS="<same format as RUNS>" also runs arms from the tiny random base (make_tiny_checkpoint.py, its pos
+# field picks random|sincos tables) next to them, stopped at the same DEADLINE and selected with them (their run
+# ids must differ from RUNS'; the tiny base is deterministic, so regenerate it on the CPU machine to unpack).
 # PLIMIT: seconds of pretraining steps (--time_limit_s); DEADLINE: seconds after start at which the arms are
 # stopped (their newest checkpoint is used). Draccus and its pure-Python deps come from .whl/*.whl when the image
 # lacks them (tools/device README). A scene-rendering pool with torch's default threads ran 250x slower on a
@@ -49,8 +52,17 @@ if [ "$RUNS" != none ]; then
     UNTIL_SUCCESS="${UNTIL_SUCCESS:-0}" \
     VAL_FREQ="$VAL_FREQ" bash experiments/synthetic_closed_loop_gpu.sh > "$S/arms.log" 2>&1 &
   arms=$!
-  while kill -0 "$arms" 2>/dev/null && [ "$(el)" -lt "$DEADLINE" ]; do sleep 5; done
-  kill -- -"$arms" 2>/dev/null; sleep 3; echo "arms stopped at $(el)s" >> "$S/timeline.txt"
+  tiny=""
+  if [ -n "${TINY_RUNS:-}" ]; then  # arms from the tiny random base instead (per-run base, see RUNS' pos field)
+    setsid env OUT=/tmp/cl RUNS="$TINY_RUNS" EPISODES="$EPISODES" SAVE_EVERY="$SAVE_EVERY" \
+      UNTIL_SUCCESS="${UNTIL_SUCCESS:-0}" \
+      VAL_FREQ="$VAL_FREQ" bash experiments/synthetic_closed_loop_gpu.sh > "$S/arms-tiny.log" 2>&1 &
+    tiny=$!
+  fi
+  while { kill -0 "$arms" 2>/dev/null || { [ -n "$tiny" ] && kill -0 "$tiny" 2>/dev/null; }; } \
+    && [ "$(el)" -lt "$DEADLINE" ]; do sleep 5; done
+  kill -- -"$arms" 2>/dev/null; [ -n "$tiny" ] && kill -- -"$tiny" 2>/dev/null
+  sleep 3; echo "arms stopped at $(el)s" >> "$S/timeline.txt"
   for f in /tmp/cl/*.log; do cp "$f" "$S/arm-$(basename "$f")"; done
   for d in /tmp/cl/runs/*/; do
     id=$(basename "$d"); cp "$d/metrics.jsonl" "$S/metrics-$id.jsonl"; cp "$d/finetune_config.json" "$S/config-$id.json"
