@@ -246,7 +246,7 @@ def make_trainer(
             hidden = base_model(modules.vla).config.text_config.hidden_size
             g = torch.Generator().manual_seed(seed + 17)
             anchor = FixedAnchor(torch.randn(batch_size, extractor.feature_dim(hidden), generator=g).to(ctx.device))
-        craft = CraftStep(craft_cfg, anchor, sync, num_shared=len(modules.shared_parameters()))
+        craft = CraftStep(craft_cfg, anchor, sync, shared_params=modules.shared_parameters())
     settings = StepSettings(
         num_task_tokens=NUM_PATCHES_PER_IMAGE * num_images,
         use_proprio=modules.proprio_projector is not None,

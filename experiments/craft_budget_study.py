@@ -87,7 +87,7 @@ def make_trainer(modules: PolicyModules, cfg: StudyConfig, craft_cfg: CRaFTConfi
     craft = None
     if craft_cfg is not None:
         anchor = OnlineAnchor(modules.vla, CRaFTFeatureExtractor.from_config(craft_cfg), craft_cfg.anchor_layer_idx)
-        craft = CraftStep(craft_cfg, anchor, sync, num_shared=len(modules.shared_parameters()))
+        craft = CraftStep(craft_cfg, anchor, sync, shared_params=modules.shared_parameters())
     settings = StepSettings(
         num_task_tokens=NUM_PATCHES_PER_IMAGE * NUM_IMAGES, use_proprio=True, autocast_dtype=None, seed=cfg.seed
     )

@@ -212,7 +212,7 @@ def test_cache_anchor_normalisation_is_fixed() -> None:
     f0 = torch.from_numpy(rng.standard_normal((3, 8))).float()
     ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     sync = GradientSynchronizer([torch.nn.Parameter(torch.zeros(3))], ctx)
-    craft = CraftStep(CRaFTConfig(normalize_features=True), FixedMomentsAnchor(f0, rows), sync, num_shared=1)
+    craft = CraftStep(CRaFTConfig(normalize_features=True), FixedMomentsAnchor(f0, rows), sync, sync.params)
     out = SimpleNamespace(raw_latent_features=c_r, action_query_features=c_aq)
     ft = torch.cat([c_r.mean(1), c_aq.mean(1)], dim=1).double().numpy()
     var0 = rows.numpy().var(0, ddof=1)
@@ -406,14 +406,14 @@ class Recorder:
             return f
 
         def apply(sync: object, l_ret: torch.Tensor) -> dict:
-            n = craft.shared_numel
+            shared = craft.shared_slice
             row = self.rows[-1]
-            row["g_act"] = sync.grad_buffer[:n].double().clone()
-            row["g_ret"] = craft.g_ret[:n].double().clone()
+            row["g_act"] = sync.grad_buffer[shared].double().clone()
+            row["g_ret"] = craft.g_ret[shared].double().clone()
             row["weight"], row["lambda"] = craft.gate.weight(), craft.dual.lambda_dual
             row["theta_before"] = torch.cat([p.detach().double().reshape(-1) for p in craft._shared_params])
             out = inner_apply(sync, l_ret)
-            row["g_final"] = sync.grad_buffer[:n].double().clone()
+            row["g_final"] = sync.grad_buffer[shared].double().clone()
             return out
 
         craft.anchor.features, craft.apply = features, apply
@@ -440,8 +440,7 @@ def test_all_options_on_the_tiny_model_match_float64(base: OpenVLAForActionPredi
     craft = setup.craft
     rec = Recorder(craft)
     rows = run_steps(setup, rec, 0, 3)
-    n_shared = len(craft._shared_params)
-    bounds = craft.sync.offsets[: n_shared + 1]
+    bounds = [o - craft.shared_slice.start for o in craft.sync.offsets_of(craft._shared_params)]
     seen: list[np.ndarray] = []
     m, lam, prev_e = 0.0, ALL_ON.retention_weight, 0.0
     for t, (metrics, row) in enumerate(zip(rows, rec.rows)):
@@ -520,7 +519,7 @@ def test_option_state_resumes_exactly(base: OpenVLAForActionPrediction) -> None:
             p.copy_(v)
     setup.optimizer.load_state_dict(saved["optimizer"])
     trainer.scheduler.load_state_dict(saved["scheduler"])
-    resumed = CraftStep(ALL_ON, craft.anchor, trainer.sync, len(craft._shared_params))
+    resumed = CraftStep(ALL_ON, craft.anchor, trainer.sync, craft._shared_params)
     resumed.load_state_dict(saved["craft"])
     trainer.craft = resumed
     again = trainer.step([batch(22)], step_index=2)
@@ -529,7 +528,7 @@ def test_option_state_resumes_exactly(base: OpenVLAForActionPrediction) -> None:
         assert torch.equal(again[k], v), k
     assert all(torch.equal(p, q) for p, q in zip(params, after))
     assert resumed.state_dict() == state_after
-    fresh = CraftStep(ALL_ON, craft.anchor, trainer.sync, len(craft._shared_params))
+    fresh = CraftStep(ALL_ON, craft.anchor, trainer.sync, craft._shared_params)
     with pytest.raises(ValueError, match="gate"):
         fresh.load_state_dict({"dual": saved["craft"]["dual"]})
 

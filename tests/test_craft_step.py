@@ -120,7 +120,7 @@ def make_setup(
     if craft_config is not None:
         extractor = CRaFTFeatureExtractor.from_config(craft_config)
         anchor = OnlineAnchor(modules.vla, extractor, craft_config.anchor_layer_idx)
-        craft = CraftStep(craft_config, anchor, sync, num_shared=len(modules.shared_parameters()))
+        craft = CraftStep(craft_config, anchor, sync, shared_params=modules.shared_parameters())
     settings = StepSettings(num_task_tokens=P, use_proprio=True, autocast_dtype=None)
     trainer = Trainer(modules, optimizer, scheduler, sync, CTX, settings, craft)
     return Setup(modules, start_model, trainer, optimizer, craft)
@@ -429,6 +429,51 @@ def test_every_trainable_parameter_gets_a_gradient(base: OpenVLAForActionPredict
              ("proprio", modules.proprio_projector)) for n, p in m.named_parameters() if p.requires_grad]  # fmt: skip
     unreached = [n for n, p in named if p.grad is None]
     assert unreached == [], f"trainable but never given a gradient: {unreached}"
+
+
+# ------------------------------------------------------------------------------------------- shared slice --
+def test_craft_finds_its_shared_slice_by_identity(base: OpenVLAForActionPrediction) -> None:
+    """CraftStep acts on the buffer slice of the parameters it is handed. In the policy's buffer that is the
+    slice the old rule (the first len(shared) parameters) took; in a buffer that starts with a head tensor the
+    old rule would have projected the head, while the slice by identity projects exactly the shared run and
+    leaves both sides alone. Parameters that are not one registered run, in buffer order, are refused by name
+    (their position in the list given and their shape)."""
+    setup = make_setup(base, CRaFTConfig())
+    policy_sync, n = setup.trainer.sync, len(setup.modules.shared_parameters())
+    assert n < len(policy_sync.params), "premise: head parameters follow the shared ones"
+    assert setup.craft.shared_slice == slice(0, policy_sync.offsets[n])
+    assert setup.craft.segment_offsets.tolist() == policy_sync.offsets[: n + 1]
+
+    head, s1, s2, tail = (torch.nn.Parameter(torch.zeros(k)) for k in (5, 3, 4, 2))
+    sync = GradientSynchronizer([head, s1, s2, tail], CTX)
+    config = CRaFTConfig(retention_weight=0.5, projection_scope="per_tensor")
+    craft = CraftStep(config, None, sync, [s1, s2])
+    assert craft.shared_slice == slice(5, 12)
+    assert craft.segment_offsets.tolist() == [0, 3, 7]
+    gen = torch.Generator().manual_seed(3)
+    g_ret = torch.randn(sync.numel, generator=gen, dtype=torch.float64)
+    g_act = torch.randn(sync.numel, generator=gen, dtype=torch.float64) * 0.3 - g_ret  # both tensors conflict
+    sync.grad_buffer.copy_(g_act)
+    craft.g_ret.copy_(g_ret)
+    craft.apply(sync, torch.tensor(0.0))
+    start, want = g_act.float().double(), g_act.float().double()
+    for lo, hi in ((5, 8), (8, 12)):
+        a, r = start[lo:hi], g_ret.float().double()[lo:hi]
+        assert float(a @ r) < 0, "premise: each shared tensor conflicts"
+        want[lo:hi] = a - float(a @ r) / (float(r @ r) + config.projection_eps) * r + 0.5 * r
+    got = sync.grad_buffer.double()
+    assert torch.equal(got[:5], start[:5]), "the head before the shared run keeps g_act"
+    assert torch.equal(got[12:], start[12:]), "the tensor after the shared run keeps g_act"
+    np.testing.assert_allclose(got[5:12].numpy(), want[5:12].numpy(), rtol=0, atol=1e-6)
+
+    with pytest.raises(ValueError, match=r"not one contiguous run.*#1 \(3,\) is registered at 1, expected 3"):
+        CraftStep(config, None, sync, [s2, s1])
+    with pytest.raises(ValueError, match=r"not one contiguous run.*#1 \(2,\) is registered at 3, expected 2"):
+        CraftStep(config, None, sync, [s1, tail])
+    with pytest.raises(ValueError, match=r"1 parameters not registered.*#1 \(7,\)"):
+        CraftStep(config, None, sync, [s1, torch.nn.Parameter(torch.zeros(7))])
+    with pytest.raises(ValueError, match="no parameters"):
+        CraftStep(config, None, sync, [])
 
 
 # ---------------------------------------------------------------------------------------------- NaN guard --

@@ -91,7 +91,7 @@ def build_craft(
             )
         seed = cfg.seed if cfg.use_minivlm else None  # a base VLM's action queries are drawn from --seed
         anchor = CachedAnchor.open(craft_cfg, modules, data, fresh_query_seed=seed)
-    return CraftStep(craft_cfg, anchor, sync, num_shared=len(modules.shared_parameters()))
+    return CraftStep(craft_cfg, anchor, sync, shared_params=modules.shared_parameters())
 
 
 def mfu_inputs(cfg: FinetuneConfig, modules: PolicyModules, ctx: DistributedContext) -> tuple[StepFlops, float] | None:

@@ -5,9 +5,9 @@ The math lives in ``craft_utils.py``; this module owns the order of operations w
 1. per micro-batch: f_theta from the student's bridge features, f_0 from the anchor, L_ret; the trainer
    back-propagates L_ret into a second flat buffer (``g_ret``) and L_act into the usual one (``g_act``);
 2. after the last micro-batch the trainer all-reduces both buffers (and the losses) in one call;
-3. :meth:`CraftStep.apply`: project g_act against g_ret on the *shared* prefix of the buffers (VLA
-   parameters; the action head and proprio projector come after it and keep g_act), combine with the current
-   lambda;
+3. :meth:`CraftStep.apply`: project g_act against g_ret on the *shared* slice of the buffers (the VLA
+   parameters it was given, found in the buffer by identity; the action head and proprio projector keep g_act),
+   combine with the current lambda;
 4. after ``optimizer.step()``, :meth:`CraftStep.finish_step`: one dual step with the globally averaged L_ret
    (and the state of the options that are on: the gate's EMA, the online anchor's feature moments, the
    realised <delta theta, g_ret>).
@@ -18,7 +18,7 @@ Validation (``Trainer.evaluate``) reads :meth:`CraftStep.validation_retention_lo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -98,7 +98,8 @@ class OnlineAnchor:
 
 
 class CraftStep:
-    """Implements the trainer's ``CraftHooks`` for one run.
+    """Implements the trainer's ``CraftHooks`` for one run. ``shared_params`` (what L_ret reaches) must be one
+    contiguous run of ``sync``'s buffer (:meth:`GradientSynchronizer.offsets_of`); the rest keeps g_act.
 
     Options of ``CRaFTConfig`` (all off by default, which is the plain method of docs/IDEA.md):
 
@@ -119,10 +120,9 @@ class CraftStep:
         config: CRaFTConfig,
         anchor: AnchorSource,
         sync: GradientSynchronizer,
-        num_shared: int,
+        shared_params: Sequence[nn.Parameter],
     ) -> None:
-        if not 0 < num_shared <= len(sync.params):
-            raise ValueError(f"num_shared={num_shared} must be in (0, {len(sync.params)}]")
+        offsets = sync.offsets_of(shared_params)  # raises unless they are one contiguous run of the buffer
         self.config = config
         self.anchor = anchor
         self.anchor_layer = config.anchor_layer_idx
@@ -131,8 +131,9 @@ class CraftStep:
         self.dual = CRaFTDualOptimizer.from_config(config)
         self.gate = CRaFTProjectionGate.from_config(config)
         self.sync = sync
-        self.shared_numel = sync.offsets[num_shared]
-        self.segment_offsets = torch.tensor(sync.offsets[: num_shared + 1], device=sync.device)
+        self.shared_slice = slice(offsets[0], offsets[-1])  # of the gradient buffer and g_ret
+        bounds = [o - offsets[0] for o in offsets]  # each shared tensor's start within the slice, then its end
+        self.segment_offsets = torch.tensor(bounds, device=sync.device)
         self.g_ret = sync.new_buffer()
         # normalize_features: var_0's moments; fixed (cache) or running over earlier steps' anchor features
         self.moments: RunningMoments | None = None
@@ -147,15 +148,15 @@ class CraftStep:
                 self.moments.merge(count, mean.to(sync.device), m2.to(sync.device))
                 self.moments_fixed = True
             self._refresh_denominator()
-        # log_realised_dot: the shared parameters before optimizer.step(), flat at the gradient buffer's offsets
-        self._shared_params = sync.params[:num_shared]
+        # log_realised_dot: the shared parameters before optimizer.step(), flat at their g_ret slice's offsets
+        self._shared_params = list(shared_params)
         self._snapshot: torch.Tensor | None = None
         self._snapshot_views: list[torch.Tensor] = []
         self._g_ret_norm: torch.Tensor | None = None  # ||g_ret|| of the step, for the realised cosine
         if config.log_realised_dot:
-            self._snapshot = torch.zeros(self.shared_numel, dtype=torch.float32, device=sync.device)
+            self._snapshot = torch.zeros(bounds[-1], dtype=torch.float32, device=sync.device)
             self._snapshot_views = [
-                self._snapshot[lo : lo + p.numel()].view_as(p) for p, lo in zip(self._shared_params, sync.offsets)
+                self._snapshot[lo : lo + p.numel()].view_as(p) for p, lo in zip(self._shared_params, bounds)
             ]
 
     # --- trainer hooks ---
@@ -225,8 +226,7 @@ class CraftStep:
         Both buffers are already averaged over micro-batches and ranks, so every rank computes the same
         update and the same lambda.
         """
-        n = self.shared_numel
-        g_act, g_ret = sync.grad_buffer[:n], self.g_ret[:n]
+        g_act, g_ret = sync.grad_buffer[self.shared_slice], self.g_ret[self.shared_slice]
         weight = self.gate.weight()
         _, stats = self.projector.project_flat(g_act, g_ret, self.segment_offsets, inplace=True, weight=weight)
         lambda_used = self.dual.lambda_dual
@@ -266,7 +266,7 @@ class CraftStep:
         # exactly after - before in IEEE arithmetic, and +0 where nothing moved
         torch._foreach_neg_(self._snapshot_views)
         torch._foreach_add_(self._snapshot_views, [p.detach() for p in self._shared_params])
-        delta, g_ret = self._snapshot, self.g_ret[: self.shared_numel]
+        delta, g_ret = self._snapshot, self.g_ret[self.shared_slice]
         dot = (delta * g_ret).sum()
         delta_norm = (delta * delta).sum().sqrt()
         denom = delta_norm * self._g_ret_norm.to(delta_norm.dtype)

@@ -122,6 +122,7 @@ class GradientSynchronizer:
 
     A step's gradients end up in one flat fp32 buffer, so the all-reduce is a single collective over one
     contiguous tensor and the optimizer and CRaFT see each parameter's ``.grad`` as a view into it.
+    The buffer holds the parameters in the order given (``offsets``); :meth:`offsets_of` finds a run of them.
 
     A trainer needs two calls per step (plus :meth:`discard_step` if a step is abandoned by an exception)::
 
@@ -237,6 +238,25 @@ class GradientSynchronizer:
         if id(buffer) not in self._step_buffers:
             self.clear(buffer)
             self._step_buffers.add(id(buffer))
+
+    def offsets_of(self, params: Sequence[torch.nn.Parameter]) -> list[int]:
+        """Where ``params`` lie in the flat buffers: [start of params[0], ..., start of params[-1], end].
+
+        Matched by identity; they must be registered and one contiguous run in buffer order, else ValueError."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        unknown = [f"#{k} {tuple(p.shape)}" for k, p in enumerate(params) if id(p) not in index]
+        if unknown:
+            raise ValueError(f"{len(unknown)} parameters not registered with this synchronizer: {unknown[:5]}")
+        if not params:
+            raise ValueError("no parameters given")
+        first = index[id(params[0])]
+        for k, p in enumerate(params):
+            if index[id(p)] != first + k:
+                raise ValueError(
+                    f"parameters are not one contiguous run of the gradient buffer: #{k} {tuple(p.shape)} is "
+                    f"registered at {index[id(p)]}, expected {first + k} (right after #{k - 1})"
+                )
+        return self.offsets[first : first + len(params) + 1]
 
     def new_buffer(self) -> torch.Tensor:
         """A zeroed flat fp32 buffer with one slot per registered parameter element."""

@@ -55,7 +55,7 @@ class PolicyModules:
         return [p for m in mods for p in m.parameters() if p.requires_grad]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Shared parameters first, then head parameters: CRaFT projects the flat-buffer prefix."""
+        """Shared, then head parameters: the gradient buffer's layout, so CRaFT's shared slice is one run."""
         return self.shared_parameters() + self.head_parameters()
 
     def train(self, mode: bool = True) -> None:
