@@ -50,13 +50,11 @@ if str(REPO) not in sys.path:
 import argparse
 import datetime
 import gc
-import gzip
 import json
 import logging
 import math
 import os
 import platform
-import shutil
 import statistics
 import time
 from collections.abc import Sequence
@@ -85,6 +83,7 @@ from prismatic.training.flops import VARIANTS, ModelDims, matmul_terms, model_di
 from prismatic.training.lr_schedule import build_scheduler
 from prismatic.training.model_setup import StartPoint, build_policy
 from prismatic.training.preparation import SpeedOptions, prepare_policy
+from prismatic.training.profiling import STEP_RANGE_PREFIX, timeline_lines, write_profile
 from prismatic.training.trainer import PHASES, PolicyModules, StepSettings, Trainer
 from prismatic.vla.constants import LIBERO, NUM_PATCHES_PER_IMAGE, NUM_TOKENS
 from prismatic.vla.datasets.torch_source import random_batch
@@ -366,7 +365,7 @@ def phase_breakdown(
 def profile_steps(
     trainer: Trainer, batches: Sequence[dict], first_index: int, out_path: Path, device: torch.device
 ) -> dict[str, str]:
-    """torch.profiler over 1 warm-up + PROFILED_STEPS steps: gzipped chrome trace and an op table next to it."""
+    """torch.profiler over 1 warm-up + PROFILED_STEPS steps (synchronised): ``profiling.write_profile``'s files."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -374,132 +373,12 @@ def profile_steps(
     with torch.profiler.profile(activities=activities, schedule=schedule, record_shapes=False) as prof:
         for i in range(1 + PROFILED_STEPS):
             index = first_index + i
-            with torch.profiler.record_function(f"train_step_{index}"):
+            with torch.profiler.record_function(f"{STEP_RANGE_PREFIX}{index}"):
                 trainer.step([batches[index % len(batches)]], index)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             prof.step()
-    raw = out_path.with_suffix(".json")
-    prof.export_chrome_trace(str(raw))
-    timeline = trace_timeline(json.loads(raw.read_text()), steps=PROFILED_STEPS)
-    gz = out_path.with_suffix(".json.gz")
-    with raw.open("rb") as src, gzip.open(gz, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    raw.unlink()
-    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    averages = prof.key_averages()
-    table = out_path.with_suffix(".ops.txt")
-    table.write_text(averages.table(sort_by=sort_by, row_limit=60))
-    result: dict[str, Any] = {"trace": str(gz), "op_table": str(table), "timeline": timeline}
-    if device.type == "cuda":
-        result["kernels_per_step"] = kernel_categories(averages, steps=PROFILED_STEPS)
-    return result
-
-
-GPU_EVENT_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
-
-
-def trace_timeline(trace: dict, steps: int, top: int = 25) -> dict[str, Any]:
-    """Where the GPU sits idle in a profiled step, from the chrome trace's device events.
-
-    Per step (one ``train_step_*`` GPU annotation each; the profiled steps are separated by a host sync):
-    span = first kernel start to last kernel end, busy = union of kernel intervals, idle = span - busy, and
-    the kernel count. Over all steps: the longest idle gaps (with the kernels on both sides) and the kernels
-    with the most total time and the most launches. Names are cut to 100 characters.
-    """
-    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
-    kernels = sorted((e for e in events if e.get("cat") in GPU_EVENT_CATEGORIES), key=lambda e: e["ts"])
-    windows = sorted(
-        (e["ts"], e["ts"] + e["dur"])
-        for e in events
-        if e.get("cat") == "gpu_user_annotation" and str(e.get("name", "")).startswith("train_step_")
-    )
-    if not windows and kernels:
-        windows = [(kernels[0]["ts"], kernels[-1]["ts"] + kernels[-1]["dur"])]
-    per_step, gaps = [], []
-    for lo, hi in windows[-steps:]:
-        inside = [k for k in kernels if lo <= k["ts"] < hi]
-        if not inside:
-            continue
-        busy, end = 0.0, inside[0]["ts"]
-        for prev, k in zip([None, *inside[:-1]], inside):
-            start, stop = max(k["ts"], end), k["ts"] + k["dur"]
-            if k["ts"] > end and prev is not None:
-                gaps.append((k["ts"] - end, prev["name"][:100], k["name"][:100]))
-            busy += max(0.0, stop - start)
-            end = max(end, stop)
-        span = end - inside[0]["ts"]
-        per_step.append({"span_ms": span / 1e3, "busy_ms": busy / 1e3, "idle_ms": (span - busy) / 1e3,
-                         "kernels": len(inside)})  # fmt: skip
-    totals: dict[str, list[float]] = {}
-    for k in kernels:
-        entry = totals.setdefault(k["name"][:100], [0.0, 0])
-        entry[0] += k["dur"] / 1e3
-        entry[1] += 1
-    n = max(1, len(per_step))
-    by_time = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
-    by_count = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
-    return {
-        "per_step": per_step,
-        "longest_idle_gaps_us": [
-            {"us": round(g, 1), "after": a, "before": b} for g, a, b in sorted(gaps, reverse=True)[:top]
-        ],
-        "top_kernels_by_time": [{"name": k, "ms_per_step": v[0] / n, "count_per_step": v[1] / n} for k, v in by_time],
-        "top_kernels_by_count": [{"name": k, "ms_per_step": v[0] / n, "count_per_step": v[1] / n} for k, v in by_count],
-    }
-
-
-def print_timeline(timeline: dict[str, Any], rows: int = 12) -> None:
-    for step in timeline["per_step"]:
-        print(f"  step: span {step['span_ms']:.1f} ms, busy {step['busy_ms']:.1f}, idle {step['idle_ms']:.1f}, "
-              f"{step['kernels']} kernels")  # fmt: skip
-    print("  longest idle gaps (us, after -> before):")
-    for g in timeline["longest_idle_gaps_us"][:rows]:
-        print(f"    {g['us']:8.1f}  {g['after'][:60]} -> {g['before'][:60]}")
-    for key in ("top_kernels_by_time", "top_kernels_by_count"):
-        print(f"  {key} (ms/step, launches/step):")
-        for k in timeline[key][:rows]:
-            print(f"    {k['ms_per_step']:7.2f} {k['count_per_step']:7.0f}  {k['name'][:90]}")
-
-
-KERNEL_CATEGORIES = (  # first match wins; names of cuBLAS/cuDNN/flash/triton/ATen kernels, lower-cased
-    ("nccl", ("nccl",)),
-    ("attention", ("flash", "fmha", "attention", "cudnn_generated_fort_native_sdpa")),
-    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_")),
-    ("optimizer", ("adam", "multi_tensor")),
-    ("triton_pointwise", ("triton_poi",)),
-    ("triton_reduction", ("triton_red", "triton_per")),
-    ("triton_other", ("triton",)),
-    ("copy_cast", ("copy", "memcpy", "memset", "cast")),
-    ("reduction", ("reduce", "norm", "softmax", "layer_norm")),
-    ("elementwise", ("elementwise", "vectorized", "unrolled")),
-)
-
-
-ANNOTATION_PREFIXES = ("train_step_", "Optimizer.", "ProfilerStep")  # GPU-side ranges of annotations, not kernels
-
-
-def kernel_category(name: str) -> str:
-    lowered = name.lower()
-    for category, needles in KERNEL_CATEGORIES:
-        if any(n in lowered for n in needles):
-            return category
-    return "other"
-
-
-def kernel_categories(averages: Any, steps: int) -> dict[str, dict[str, float]]:
-    """GPU kernel time and launch count per step, by kind of kernel (where does the device time go?)."""
-    from torch.autograd import DeviceType
-
-    out: dict[str, dict[str, float]] = {}
-    for event in averages:
-        if event.device_type != DeviceType.CUDA or event.key.startswith(ANNOTATION_PREFIXES):
-            continue
-        entry = out.setdefault(kernel_category(event.key), {"ms": 0.0, "launches": 0.0})
-        entry["ms"] += event.self_device_time_total / 1e3 / steps
-        entry["launches"] += event.count / steps
-    total = {"ms": sum(v["ms"] for v in out.values()), "launches": sum(v["launches"] for v in out.values())}
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]["ms"])) | {"total": total}
+    return write_profile(prof, out_path, PROFILED_STEPS, device)
 
 
 # ================================================================================================================
@@ -897,13 +776,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"frozen {model['frozen_dtype']}, autocast {model['autocast_dtype']}")  # fmt: skip
             print(format_table(report["results"]))
             for r in report["results"]:
-                kernels = r.get("profile", {}).get("kernels_per_step")
-                if kernels:
-                    print(f"\nGPU kernels per step, {r['variant']} b{r['batch_size']} (profiled, ms / launches):")
-                    print("  " + ", ".join(f"{k} {v['ms']:.1f}/{v['launches']:.0f}" for k, v in kernels.items()))
-                timeline = r.get("profile", {}).get("timeline")
-                if timeline:
-                    print_timeline(timeline)
+                lines = timeline_lines(r.get("profile", {}))
+                if lines:
+                    print(f"\nprofile of {r['variant']} b{r['batch_size']}:")
+                    print("\n".join(lines))
             print(f"\nwrote {path}")
     except BaseException:
         abort_distributed(ctx)

@@ -29,6 +29,7 @@ from prismatic.extern.hf.configuration_prismatic import tiny_openvla_config
 from prismatic.training.distributed import DistributedContext
 from prismatic.training.flops import StepFlops, model_dims
 from prismatic.training.preparation import SpeedOptions
+from prismatic.training.profiling import trace_timeline
 from prismatic.vla.datasets.torch_source import random_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,7 +235,7 @@ def test_two_ranks_report_per_rank_and_global_throughput(tmp_path: Path) -> None
     assert r["global_samples_per_s"] == pytest.approx(2 / (max(medians) / 1e3), rel=1e-12)
 
 
-def test_trace_timeline_finds_idle_time_and_gaps(bench: ModuleType) -> None:
+def test_trace_timeline_finds_idle_time_and_gaps() -> None:
     """Two annotated steps of overlapping kernels: union busy time, idle gaps and per-name totals."""
 
     def kernel(name: str, ts: float, dur: float) -> dict:
@@ -252,7 +253,7 @@ def test_trace_timeline_finds_idle_time_and_gaps(bench: ModuleType) -> None:
             kernel("add", 2600.0, 100.0),  # 200 us gap
         ]
     }
-    t = bench.trace_timeline(trace, steps=2)
+    t = trace_timeline(trace, steps=2)
     assert t["per_step"] == [
         {"span_ms": 0.45, "busy_ms": 0.4, "idle_ms": pytest.approx(0.05), "kernels": 3},
         {"span_ms": 0.7, "busy_ms": 0.5, "idle_ms": pytest.approx(0.2), "kernels": 2},

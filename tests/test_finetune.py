@@ -10,6 +10,7 @@ wrong accumulation scale (losses and steps would differ by a factor of 2).
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -355,6 +356,33 @@ def test_throughput_has_no_outliers_around_saves_validation_and_the_end(tiny_bas
         assert 0.0 <= row["perf/data_wait_frac"] <= 1.0
     assert "perf/peak_gib" not in rows[0]  # CUDA only
     assert "perf/mfu" not in rows[0]
+
+
+def test_profile_steps_trace_the_window_and_change_no_numbers(reference_run: Path, tiny_base: Path, tmp_path: Path):
+    """--profile_steps 2 --profile_start_step 1 records exactly loop iterations 1 and 2 (data fetch inside them),
+    writes the trace, op table and summary, and leaves every logged number equal to the unprofiled run's."""
+    args = tiny_args(tiny_base, tmp_path, batch_size=4, max_steps=3, save_freq=3, num_steps_before_decay=2,
+                     profile_steps=2, profile_start_step=1)  # fmt: skip
+    run_finetune(args)
+    profiled, plain = metrics(tmp_path / "run"), metrics(reference_run)
+    for a, b in zip(profiled, plain, strict=True):
+        assert {k: v for k, v in a.items() if not k.startswith("perf/")} == {
+            k: v for k, v in b.items() if not k.startswith("perf/")
+        }
+    profile_dir = tmp_path / "run" / "profile"
+    summary = json.loads((profile_dir / "summary.json").read_text())
+    with gzip.open(profile_dir / "profile.json.gz", "rt") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    steps = sorted(e["name"] for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("train_"))
+    assert steps == ["train_step_1", "train_step_2"]
+    window = [e for e in events if e.get("cat") == "user_annotation" and e["name"] == "train_step_1"][0]
+    inside = [e["name"] for e in events if window["ts"] <= e["ts"] <= window["ts"] + window["dur"]]
+    assert any("aten::" in name for name in inside)
+    assert any("Optimizer.step" in name for name in inside)
+    table = Path(summary["op_table"]).read_text()
+    assert "aten::" in table
+    assert "Self CPU" in table
+    assert summary["timeline"]["per_step"] == []  # no device events on the CPU
 
 
 def test_plot_tool_reads_namespaced_and_older_bare_keys(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from prismatic.training.lr_schedule import build_scheduler, retarget_scheduler
 from prismatic.training.metrics import MetricsLogger, StepClock
 from prismatic.training.model_setup import build_policy, load_start_point
 from prismatic.training.preparation import SpeedOptions, prepare_policy
+from prismatic.training.profiling import StepProfiler
 from prismatic.training.run_dir import RunDirRefused, prepare_run_dir
 from prismatic.training.task_a import TaskACoTraining, TaskAValidation, task_a_skill_split
 from prismatic.training.trainer import PolicyModules, StepSettings, Trainer
@@ -250,40 +251,45 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
             values["mfu"] = flops / seconds / mfu[1]  # this rank's model FLOPs over its step time and peak
         return values
 
+    # --profile_steps: torch.profiler over a window of loop iterations (data fetch included), rank 0 only
+    profiler = StepProfiler(run_dir / "profile", cfg.profile_start_step, cfg.profile_steps if ctx.is_main else 0,
+                            ctx.device)  # fmt: skip
     try:
         for step in range(start_step, cfg.max_steps):
-            clock.start(step)
-            micro_batches = next(stream)
-            clock.data_ready(step)
-            metrics = trainer.step(micro_batches, step)
-            clock.end(step)
-            if pending is not None:
-                logger.log(pending[0] + 1, read(*pending))
-            pending = (step, metrics, mfu[0](micro_batches) if mfu is not None else None)
-            validate = bool(cfg.val_freq) and (step + 1) % cfg.val_freq == 0
-            save = checkpoints.should_save(step + 1, cfg.max_steps)
-            if not (validate or save):
-                continue
-            values = read(*pending)
-            pending = None
-            if validate:
-                probes = [task_a_val] if task_a_val is not None else []
-                values.update({k: float(v) for k, v in trainer.evaluate(data.val_batches(), probes).items()})
-                values.update(task_a_skill_split(values, TASK_B_SKILLS))
-            logger.log(step + 1, values)
-            if save:
-                extra = {"craft": craft.state_dict() if craft is not None else None, "run_id": run_id}
-                checkpoints.save(
-                    step + 1,
-                    modules,
-                    optimizer,
-                    scheduler,
-                    dataset_statistics=data.dataset_statistics,
-                    extra_state=extra,
-                )
+            with profiler.step(step):
+                clock.start(step)
+                micro_batches = next(stream)
+                clock.data_ready(step)
+                metrics = trainer.step(micro_batches, step)
+                clock.end(step)
+                if pending is not None:
+                    logger.log(pending[0] + 1, read(*pending))
+                pending = (step, metrics, mfu[0](micro_batches) if mfu is not None else None)
+                validate = bool(cfg.val_freq) and (step + 1) % cfg.val_freq == 0
+                save = checkpoints.should_save(step + 1, cfg.max_steps)
+                if not (validate or save):
+                    continue
+                values = read(*pending)
+                pending = None
+                if validate:
+                    probes = [task_a_val] if task_a_val is not None else []
+                    values.update({k: float(v) for k, v in trainer.evaluate(data.val_batches(), probes).items()})
+                    values.update(task_a_skill_split(values, TASK_B_SKILLS))
+                logger.log(step + 1, values)
+                if save:
+                    extra = {"craft": craft.state_dict() if craft is not None else None, "run_id": run_id}
+                    checkpoints.save(
+                        step + 1,
+                        modules,
+                        optimizer,
+                        scheduler,
+                        dataset_statistics=data.dataset_statistics,
+                        extra_state=extra,
+                    )
         if pending is not None:
             logger.log(pending[0] + 1, read(*pending))
     finally:
+        profiler.close()
         logger.close()
 
 

@@ -74,6 +74,9 @@ class FinetuneConfig(CraftFlags):
     wandb_mode: str = "disabled"            # online | offline | disabled (offline/disabled need no network)
     wandb_log_freq: int = 10                # send metrics to W&B every N steps (metrics.jsonl gets all)
     show_progress: bool = True              # tqdm bar on rank 0
+    profile_steps: int = 0                  # torch.profiler over this many loop iterations (data + step), rank 0,
+                                            # into <run dir>/profile/ (trace, op table, GPU idle gaps); 0 = off
+    profile_start_step: int = 20            # first profiled step (0-based; leave warm-up and compilation out)
 
     # --- Optimization --------------------------------------------------------------------------------------
     batch_size: int = 8                     # per-process micro-batch size
@@ -129,7 +132,14 @@ class FinetuneConfig(CraftFlags):
         for name in ("batch_size", "grad_accumulation_steps", "max_steps", "save_freq", "grad_sync_bucket_numel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr_warmup_steps", "num_steps_before_decay", "shuffle_buffer_size", "val_freq"):
+        for name in (
+            "lr_warmup_steps",
+            "num_steps_before_decay",
+            "shuffle_buffer_size",
+            "val_freq",
+            "profile_steps",
+            "profile_start_step",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         for name in ("val_batches", "synthetic_num_episodes", "wandb_log_freq"):

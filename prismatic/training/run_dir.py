@@ -46,6 +46,8 @@ MAY_CHANGE_ON_RESUME = frozenset(
         "save_latest_checkpoint_only",
         "merge_lora_during_training",
         "show_progress",
+        "profile_steps",
+        "profile_start_step",
         "wandb_entity",
         "wandb_project",
         "wandb_mode",
