@@ -364,7 +364,7 @@ def phase_breakdown(
 
 def profile_steps(
     trainer: Trainer, batches: Sequence[dict], first_index: int, out_path: Path, device: torch.device
-) -> dict[str, str]:
+) -> dict[str, Any]:
     """torch.profiler over 1 warm-up + PROFILED_STEPS steps (synchronised): ``profiling.write_profile``'s files."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":

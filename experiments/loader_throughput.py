@@ -1,9 +1,11 @@
 """Where does finetune.py's synthetic-source step lose its time? A diagnostic for one GPU call (issues 12, 16).
 
 On an H100 (2026-12-06, craft_progress.md phase 5) finetune.py on the synthetic torch source ran at ~613
-samples/s at batch 64 and at batch 128 alike (0.105 / 0.208 s per step) with 2.3% MFU and 0.2% data wait,
-while three such runs on the same GPU reached ~1,000 samples/s together: a cost per process that grows with the
-batch, outside the GPU. This script separates the candidates, with the loader built as training builds it
+samples/s at batch 64 and at batch 128 alike (0.105 / 0.208 s per step) with 2.3% MFU and 0.2% data wait. Two
+such runs sharing the GPU with a third, smaller one ran at 342 samples/s each (684 together; 0.187 s per step):
+so the cost grows with the batch and a shared resource (the GPU, or the host) saturates. This script and
+bench_train_step.py (random batches on the GPU, no loader) separate the candidates, with the loader built as
+training builds it
 (:class:`SyntheticTorchSource`, :class:`GlobalBatchSampler`, :class:`PaddedCollator`, forked workers):
 
 * ``loader``: samples/s the loader delivers alone, pinned or not, with or without the copy to the GPU;

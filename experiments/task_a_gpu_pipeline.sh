@@ -53,7 +53,7 @@ if [ "$RUNS" != none ]; then
     VAL_FREQ="$VAL_FREQ" bash experiments/synthetic_closed_loop_gpu.sh > "$S/arms.log" 2>&1 &
   arms=$!
   tiny=""
-  if [ -n "${TINY_RUNS:-}" ]; then  # arms from the tiny random base instead (per-run base, see RUNS' pos field)
+  if [ -n "${TINY_RUNS:-}" ]; then  # arms from the tiny random base next to them (per-run base, see RUNS' pos field)
     setsid env OUT=/tmp/cl RUNS="$TINY_RUNS" EPISODES="$EPISODES" SAVE_EVERY="$SAVE_EVERY" \
       UNTIL_SUCCESS="${UNTIL_SUCCESS:-0}" \
       VAL_FREQ="$VAL_FREQ" bash experiments/synthetic_closed_loop_gpu.sh > "$S/arms-tiny.log" 2>&1 &

@@ -255,9 +255,10 @@ def test_trace_timeline_finds_idle_time_and_gaps() -> None:
     }
     t = trace_timeline(trace, steps=2)
     assert t["per_step"] == [
-        {"span_ms": 0.45, "busy_ms": 0.4, "idle_ms": pytest.approx(0.05), "kernels": 3},
-        {"span_ms": 0.7, "busy_ms": 0.5, "idle_ms": pytest.approx(0.2), "kernels": 2},
+        {"span_ms": 0.45, "busy_ms": 0.4, "idle_ms": pytest.approx(0.05), "kernels": 3, "gap_before_ms": None},
+        {"span_ms": 0.7, "busy_ms": 0.5, "idle_ms": pytest.approx(0.2), "kernels": 2, "gap_before_ms": 1.45},
     ]
+    assert t["busy_frac"] == pytest.approx(0.9 / 2.6)  # busy 0.4 + 0.5 ms from the first kernel (100) to 2700 us
     assert [(g["us"], g["after"], g["before"]) for g in t["longest_idle_gaps_us"]] == [
         (200.0, "gemm", "add"),
         (50.0, "add", "add"),

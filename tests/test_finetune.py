@@ -359,13 +359,15 @@ def test_throughput_has_no_outliers_around_saves_validation_and_the_end(tiny_bas
 
 
 def test_profile_steps_trace_the_window_and_change_no_numbers(reference_run: Path, tiny_base: Path, tmp_path: Path):
-    """--profile_steps 2 --profile_start_step 1 records exactly loop iterations 1 and 2 (data fetch inside them),
-    writes the trace, op table and summary, and leaves every logged number equal to the unprofiled run's."""
-    args = tiny_args(tiny_base, tmp_path, batch_size=4, max_steps=3, save_freq=3, num_steps_before_decay=2,
+    """--profile_steps 2 --profile_start_step 1 in a 5-step run records exactly loop iterations 1 and 2 (not the
+    warm-up iteration 0, nothing after 2), writes the trace, op table and summary, and leaves every logged
+    non-perf number equal to the unprofiled run's (the reference run's 3 steps; same schedule and data order)."""
+    args = tiny_args(tiny_base, tmp_path, batch_size=4, max_steps=5, save_freq=3, num_steps_before_decay=2,
                      profile_steps=2, profile_start_step=1)  # fmt: skip
     run_finetune(args)
     profiled, plain = metrics(tmp_path / "run"), metrics(reference_run)
-    for a, b in zip(profiled, plain, strict=True):
+    assert len(profiled) == 5
+    for a, b in zip(profiled[:3], plain, strict=True):
         assert {k: v for k, v in a.items() if not k.startswith("perf/")} == {
             k: v for k, v in b.items() if not k.startswith("perf/")
         }
@@ -373,12 +375,13 @@ def test_profile_steps_trace_the_window_and_change_no_numbers(reference_run: Pat
     summary = json.loads((profile_dir / "summary.json").read_text())
     with gzip.open(profile_dir / "profile.json.gz", "rt") as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
-    steps = sorted(e["name"] for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("train_"))
-    assert steps == ["train_step_1", "train_step_2"]
-    window = [e for e in events if e.get("cat") == "user_annotation" and e["name"] == "train_step_1"][0]
-    inside = [e["name"] for e in events if window["ts"] <= e["ts"] <= window["ts"] + window["dur"]]
+    annotations = {e["name"]: e for e in events if e.get("cat") == "user_annotation"}
+    assert sorted(n for n in annotations if n.startswith("train_step_")) == ["train_step_1", "train_step_2"]
+    first, last = annotations["train_step_1"], annotations["train_step_2"]
+    inside = [e["name"] for e in events if first["ts"] <= e["ts"] <= first["ts"] + first["dur"]]
     assert any("aten::" in name for name in inside)
     assert any("Optimizer.step" in name for name in inside)
+    assert max(e["ts"] for e in events) <= last["ts"] + last["dur"]  # nothing recorded after the window
     table = Path(summary["op_table"]).read_text()
     assert "aten::" in table
     assert "Self CPU" in table

@@ -288,8 +288,9 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
                     )
         if pending is not None:
             logger.log(pending[0] + 1, read(*pending))
+        profiler.close()  # a run that ended inside the profiled window
     finally:
-        profiler.close()
+        profiler.discard()  # after an error: stop recording, write nothing
         logger.close()
 
 
