@@ -4,9 +4,8 @@ On an H100 (2026-12-06, craft_progress.md phase 5) finetune.py on the synthetic 
 samples/s at batch 64 and at batch 128 alike (0.105 / 0.208 s per step) with 2.3% MFU and 0.2% data wait. Two
 such runs sharing the GPU with a third, smaller one ran at 342 samples/s each (684 together; 0.187 s per step):
 so the cost grows with the batch and a shared resource (the GPU, or the host) saturates. This script and
-bench_train_step.py (random batches on the GPU, no loader) separate the candidates, with the loader built as
-training builds it
-(:class:`SyntheticTorchSource`, :class:`GlobalBatchSampler`, :class:`PaddedCollator`, forked workers):
+bench_train_step.py (random batches on the GPU, no loader) separate the candidates, with training's own loader
+(:class:`SyntheticTorchSource` through ``iterate_global_batches``, as finetune.py builds it):
 
 * ``loader``: samples/s the loader delivers alone, pinned or not, with or without the copy to the GPU;
 * ``main_thread``: a fixed main-thread load (pure Python, plus small CUDA launches on a GPU: the kind of work
@@ -26,10 +25,9 @@ import json
 import time
 
 import torch
-from torch.utils.data import DataLoader
 
 from prismatic.vla.datasets.batching import PaddedCollator
-from prismatic.vla.datasets.torch_source import GlobalBatchSampler, SyntheticTorchSource, default_workers
+from prismatic.vla.datasets.torch_source import SyntheticTorchSource, default_workers, iterate_global_batches
 
 
 def main_thread_load(device: torch.device, launches: int) -> float:
@@ -46,23 +44,13 @@ def main_thread_load(device: torch.device, launches: int) -> float:
     return time.perf_counter() - start
 
 
-def make_loader(source: SyntheticTorchSource, batch_size: int, workers: int, pin: bool) -> DataLoader:
-    return DataLoader(
-        source,
-        batch_sampler=GlobalBatchSampler(len(source), batch_size, seed=0),
-        collate_fn=PaddedCollator(),
-        num_workers=workers,
-        pin_memory=pin,
-        prefetch_factor=2 if workers else None,
-        multiprocessing_context="fork" if workers else None,
-    )
-
-
 def measure(args: argparse.Namespace, source: SyntheticTorchSource, pin: bool, to_device: bool, load: bool) -> dict:
     """Iterate ``args.batches`` batches after 3 warm-up ones; optionally copy each to the device and run the
     main-thread load after each (as the training loop launches a step after taking a batch)."""
     device = torch.device(args.device)
-    batches = iter(make_loader(source, args.batch_size, args.workers, pin))
+    batches = iterate_global_batches(  # training's own loader (finetune.py: _synthetic_data)
+        source, args.batch_size, num_epochs=None, collator=PaddedCollator(), workers=args.workers, pin_memory=pin
+    )
     for _ in range(3):
         next(batches)
     waits, loads = [], []
@@ -109,8 +97,6 @@ def main() -> None:
         num_episodes=args.episodes, episode_length="success", seed=0, num_images=args.num_images
     )
     print(json.dumps({"measure": "source_built", "frames": len(source), "seconds": time.perf_counter() - t}))
-    if len(source) < (args.batches + 3) * args.batch_size:
-        raise SystemExit(f"{len(source)} frames cannot fill {args.batches + 3} batches of {args.batch_size}")
     idle = sorted(main_thread_load(torch.device(args.device), args.launches) for _ in range(7))[3]
     print(json.dumps({"measure": "main_thread_load_idle", "load_s_median": idle}))
     for pin in [False, True] if cuda else [False]:

@@ -261,6 +261,7 @@ def iterate_global_batches(
     skip_steps: int = 0,
     collator: PaddedCollator | None = None,
     workers: int | None = None,
+    pin_memory: bool | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Collated per-rank micro-batches of the global order of :class:`GlobalBatchSampler`, epoch after epoch.
 
@@ -269,13 +270,14 @@ def iterate_global_batches(
     Each rank pads its own slice, so padded lengths may differ between a 1-process and a multi-rank run;
     right padding is masked, so the valid positions are unaffected.
     ``workers`` (default ``$SYNTHETIC_SOURCE_WORKERS`` or 0) builds the same batches, in the same order, in that
-    many DataLoader worker processes.
+    many DataLoader worker processes, pinned when ``pin_memory`` (default: when CUDA is available).
     """
     collate = collator or PaddedCollator()
     sampler = GlobalBatchSampler(len(source), batch_size, world_size, rank, seed)
     workers = default_workers() if workers is None else workers
     if workers > 0:
-        yield from _loader_batches(source, sampler, num_epochs, skip_steps, collate, workers)
+        pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        yield from _loader_batches(source, sampler, num_epochs, skip_steps, collate, workers, pin)
         return
     epoch = 0
     while num_epochs is None or epoch < num_epochs:
@@ -313,6 +315,7 @@ def _loader_batches(
     skip_steps: int,
     collate: PaddedCollator,
     workers: int,
+    pin_memory: bool,
 ) -> Iterator[dict[str, Any]]:
     context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     loader = DataLoader(
@@ -320,7 +323,7 @@ def _loader_batches(
         batch_sampler=_EpochBatches(sampler, num_epochs, skip_steps),
         collate_fn=collate,
         num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory,
         prefetch_factor=2,
         multiprocessing_context=context,
     )
