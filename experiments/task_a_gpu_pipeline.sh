@@ -48,20 +48,19 @@ else
   echo "base packed at $(el)s" >> "$S/timeline.txt"
 fi
 if [ "$RUNS" != none ]; then
-  setsid env BASE=/tmp/vlmA/base OUT=/tmp/cl RUNS="$RUNS" EPISODES="$EPISODES" SAVE_EVERY="$SAVE_EVERY" \
-    UNTIL_SUCCESS="${UNTIL_SUCCESS:-0}" \
-    VAL_FREQ="$VAL_FREQ" bash experiments/synthetic_closed_loop_gpu.sh > "$S/arms.log" 2>&1 &
-  arms=$!
-  tiny=""
-  if [ -n "${TINY_RUNS:-}" ]; then  # arms from the tiny random base next to them (per-run base, see RUNS' pos field)
-    setsid env OUT=/tmp/cl RUNS="$TINY_RUNS" EPISODES="$EPISODES" SAVE_EVERY="$SAVE_EVERY" \
-      UNTIL_SUCCESS="${UNTIL_SUCCESS:-0}" \
-      VAL_FREQ="$VAL_FREQ" bash experiments/synthetic_closed_loop_gpu.sh > "$S/arms-tiny.log" 2>&1 &
-    tiny=$!
-  fi
-  while { kill -0 "$arms" 2>/dev/null || { [ -n "$tiny" ] && kill -0 "$tiny" 2>/dev/null; }; } \
-    && [ "$(el)" -lt "$DEADLINE" ]; do sleep 5; done
-  kill -- -"$arms" 2>/dev/null; [ -n "$tiny" ] && kill -- -"$tiny" 2>/dev/null
+  launch() {  # launch <runs> <log> [env ...]: synthetic_closed_loop_gpu.sh in its own process group, prints its pid
+    local runs="$1" log="$2"; shift 2
+    setsid env "$@" OUT=/tmp/cl RUNS="$runs" EPISODES="$EPISODES" SAVE_EVERY="$SAVE_EVERY" \
+      UNTIL_SUCCESS="${UNTIL_SUCCESS:-0}" VAL_FREQ="$VAL_FREQ" bash experiments/synthetic_closed_loop_gpu.sh \
+      > "$log" 2>&1 &
+    echo $!
+  }
+  pids=("$(launch "$RUNS" "$S/arms.log" BASE=/tmp/vlmA/base)")
+  # TINY_RUNS: arms from the tiny random base next to them (no BASE: per-run base, see RUNS' pos field)
+  [ -n "${TINY_RUNS:-}" ] && pids+=("$(launch "$TINY_RUNS" "$S/arms-tiny.log")")
+  running() { local p; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+  while running && [ "$(el)" -lt "$DEADLINE" ]; do sleep 5; done
+  for p in "${pids[@]}"; do kill -- -"$p" 2>/dev/null; done
   sleep 3; echo "arms stopped at $(el)s" >> "$S/timeline.txt"
   for f in /tmp/cl/*.log; do cp "$f" "$S/arm-$(basename "$f")"; done
   for d in /tmp/cl/runs/*/; do
