@@ -23,6 +23,7 @@
 # is episode i of make_synthetic_rlds.py --seed 0 (same scene, states and actions over their common steps); it
 # differs in length (20-40 steps here, 12-20 in synthetic_closed_loop.sh), in the images (raw here, JPEG in RLDS;
 # bilinear 256 -> 224 here, lanczos3 there and in the eval) and hence slightly in the dataset statistics.
+# FINETUNE_FLAGS: extra finetune.py flags for every run (e.g. "--compile True --compile_mode reduce-overhead").
 # SYNTHETIC_SOURCE_WORKERS (default 3) worker processes per run render the episodes and build the batches.
 # Throughput measured on one H200 (2026-12-05, 16 host cores, 300 episodes, 2 images, eager): 4 runs at once at
 # batch 64 / 64 / 128 / 256 gave ~430 / 430 / 520 / 570 samples/s each (~1,950 in total); one run alone at batch
@@ -59,7 +60,7 @@ for spec in $RUNS; do
     --dataset_name synthetic_no_noops --seed 0 --run_root_dir "$OUT/runs" --run_id_override "$id" \
     --num_images_in_input "${images:-2}" "${lora_flags[@]}" --image_aug False --batch_size "$bs" --learning_rate "$lr" \
     --lr_warmup_steps $((steps / 50)) --num_steps_before_decay $((steps * 5 / 6)) --max_steps "$steps" \
-    --save_freq "$save" --val_freq "${VAL_FREQ:-0}" --val_batches "${VAL_BATCHES:-15}" --device "${DEVICE:-cuda}" --show_progress False --wandb_mode disabled >"$OUT/$id.log" 2>&1 &
+    --save_freq "$save" --val_freq "${VAL_FREQ:-0}" --val_batches "${VAL_BATCHES:-15}" --device "${DEVICE:-cuda}" --show_progress False --wandb_mode disabled ${FINETUNE_FLAGS:-} >"$OUT/$id.log" 2>&1 &
   pids+=($!)
 done
 status=0

@@ -14,7 +14,13 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from prismatic.vla.constants import ACTION_TOKEN_BEGIN_IDX, IGNORE_INDEX, NUM_TOKENS, PAD_TOKEN_ID
-from prismatic.vla.datasets.batching import FrameToExample, PaddedCollator, RLDSIterableDataset, example_rng
+from prismatic.vla.datasets.batching import (
+    FrameToExample,
+    PaddedCollator,
+    RLDSIterableDataset,
+    example_rng,
+    normalize_batch_images,
+)
 from prismatic.vla.datasets.torch_source import (
     GlobalBatchSampler,
     SyntheticTorchSource,
@@ -138,6 +144,25 @@ def test_pixel_values_order_primary_then_wrist_dino_then_siglip(prompt_tokenizer
     np.testing.assert_allclose(pixels.numpy(), expected, rtol=0, atol=1e-5)
     one = FrameToExample(prompt_tokenizer, num_images=1)(frame)["pixel_values"]
     assert torch.equal(one, pixels[:6])
+
+
+def test_uint8_hand_off_normalizes_to_the_host_values(prompt_tokenizer):
+    """normalize_images=False: the collated batch carries the uint8 images, and normalize_batch_images turns it
+    into exactly (bit for bit) the host-normalized batch; the other tensors are untouched. On a GPU the same
+    check runs in experiments/throughput_diagnostic_gpu.sh (elementwise float32 ops round identically)."""
+    rng = np.random.default_rng(3)
+    frames = [make_frame(f"unit/0/{i}", rng, "pick up the red block" + " now" * i) for i in range(3)]
+    collate = PaddedCollator()
+    host = collate([FrameToExample(prompt_tokenizer, seed=2)(f) for f in frames])
+    raw = collate([FrameToExample(prompt_tokenizer, seed=2, normalize_images=False)(f) for f in frames])
+    assert raw["pixel_values"].dtype == torch.uint8
+    assert raw["pixel_values"].shape == (3, 2, 224, 224, 3)
+    assert raw["pixel_values"].nbytes * 8 == host["pixel_values"].nbytes
+    moved = normalize_batch_images(raw, "cpu")
+    assert_batches_equal(moved, host)
+    assert normalize_batch_images(host) is host  # float batches pass through
+    with pytest.raises(ValueError, match="B, n_images, H, W, 3"):
+        normalize_batch_images({**raw, "pixel_values": raw["pixel_values"][0]})
 
 
 def test_action_slots_hold_the_chunk_tokens(prompt_tokenizer):

@@ -62,9 +62,12 @@ class FrameToExample:
     ``prompt_tokenizer`` is a ``prismatic.vla.prompting.PromptTokenizer`` (anything with
     ``training_example(instruction, normalized_actions, rng) -> (input_ids, labels)``). ``seed`` only
     affects the 8 random extra action ids (see :func:`example_rng`).
+    ``normalize_images=False`` keeps ``pixel_values`` as the uint8 images [n, 224, 224, 3] (8x fewer bytes to
+    collate, pin and copy to a GPU); :func:`normalize_batch_images` then normalizes the collated batch on the
+    device, to the same float32 values this transform computes on the host.
     """
 
-    def __init__(self, prompt_tokenizer: Any, num_images: int = 2, seed: int = 0) -> None:
+    def __init__(self, prompt_tokenizer: Any, num_images: int = 2, seed: int = 0, normalize_images: bool = True):
         # Imported here so that importing this module stays cheap (the processor pulls in transformers).
         from prismatic.extern.hf.processing_prismatic import normalize_uint8_images
 
@@ -73,6 +76,7 @@ class FrameToExample:
         self.prompt_tokenizer = prompt_tokenizer
         self.num_images = num_images
         self.seed = seed
+        self.normalize_images = normalize_images
         self._normalize_images = normalize_uint8_images
 
     def __call__(self, frame: Frame) -> Example:
@@ -85,7 +89,7 @@ class FrameToExample:
             str(frame["instruction"]), actions, example_rng(self.seed, sample_key)
         )
         images = torch.from_numpy(stack_frame_images(frame, self.num_images))  # [n, 224, 224, 3] uint8
-        pixels = self._normalize_images(images)  # [6 * n, 224, 224] float32
+        pixels = self._normalize_images(images) if self.normalize_images else images  # [6n, 224, 224] f32
         return {
             "input_ids": torch.as_tensor(np.asarray(input_ids), dtype=torch.long),
             "labels": torch.as_tensor(np.asarray(labels), dtype=torch.long),
@@ -144,13 +148,37 @@ class PaddedCollator:
         return {
             "input_ids": input_ids,  # [B, T] long
             "attention_mask": attention_mask,  # [B, T] bool
-            "pixel_values": torch.stack([ex["pixel_values"] for ex in examples]).float(),  # [B, 6n, 224, 224]
+            "pixel_values": _stack_pixels([ex["pixel_values"] for ex in examples]),  # [B, 6n, 224, 224]
             "labels": labels,  # [B, T] long
             "actions": torch.stack([ex["actions"] for ex in examples]).float(),  # [B, 8, 7]
             "proprio": torch.stack([ex["proprio"] for ex in examples]).float(),  # [B, 8]
             "sample_keys": [str(ex["sample_key"]) for ex in examples],
             "dataset_names": [str(ex["dataset_name"]) for ex in examples],
         }
+
+
+def _stack_pixels(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Float pixel values stack as float32; uint8 images (``normalize_images=False``) stay uint8."""
+    stacked = torch.stack(list(pixels))
+    return stacked if stacked.dtype == torch.uint8 else stacked.float()
+
+
+def normalize_batch_images(batch: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
+    """A batch whose ``pixel_values`` are uint8 images [B, n, 224, 224, 3] -> the same batch with them copied to
+    ``device`` (non-blocking, so pinned batches overlap the copy) and normalized there into float32
+    [B, 6n, 224, 224]: the values ``FrameToExample`` computes on the host (one elementwise multiply and add
+    in float32, correctly rounded on any device). Batches with float pixel values are returned unchanged;
+    the other tensors stay where they are (the trainer's host-side batch checks read them)."""
+    from prismatic.extern.hf.processing_prismatic import normalize_uint8_images
+
+    pixels = batch["pixel_values"]
+    if pixels.dtype != torch.uint8:
+        return batch
+    if pixels.ndim != 5:
+        raise ValueError(f"uint8 pixel_values must be [B, n_images, H, W, 3], got {tuple(pixels.shape)}")
+    if device is not None:
+        pixels = pixels.to(device, non_blocking=True)
+    return {**batch, "pixel_values": normalize_uint8_images(pixels)}
 
 
 class RLDSIterableDataset(IterableDataset):

@@ -120,6 +120,8 @@ class SyntheticTorchSource(Dataset):
     ``prompt_tokenizer`` defaults to ``PromptTokenizer(load_qwen_tokenizer())``. ``statistics`` (one dataset's
     entry of dataset_statistics.json) normalizes with given statistics instead of this source's own.
     ``workers`` (default ``$SYNTHETIC_SOURCE_WORKERS`` or 0) renders episodes in that many forked processes.
+    ``normalize_images=False`` yields uint8 ``pixel_values`` (see ``FrameToExample``; GPU training normalizes
+    them on the device with ``normalize_batch_images``).
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class SyntheticTorchSource(Dataset):
         prompt_tokenizer: Any | None = None,
         statistics: dict[str, Any] | None = None,
         workers: int | None = None,
+        normalize_images: bool = True,
     ) -> None:
         if num_episodes < 1:
             raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
@@ -153,7 +156,9 @@ class SyntheticTorchSource(Dataset):
             from prismatic.vla.tokenizer import load_qwen_tokenizer
 
             prompt_tokenizer = PromptTokenizer(load_qwen_tokenizer())
-        self.transform = FrameToExample(prompt_tokenizer, num_images=num_images, seed=seed)
+        self.transform = FrameToExample(
+            prompt_tokenizer, num_images=num_images, seed=seed, normalize_images=normalize_images
+        )
 
     def _prepare_episode(
         self, episode: dict[str, Any], traj: dict[str, Any], stats: dict[str, Any], image_size: int
