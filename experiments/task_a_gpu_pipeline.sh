@@ -18,6 +18,7 @@
 # TINY_RUNS="<same format as RUNS>" also runs arms from the tiny random base (make_tiny_checkpoint.py, its pos
 # field picks random|sincos tables) next to them, stopped at the same DEADLINE and selected with them (their run
 # ids must differ from RUNS'; the tiny base is deterministic, so regenerate it on the CPU machine to unpack).
+# FINETUNE_FLAGS (e.g. "--compile True --compile_mode reduce-overhead") reaches every arm's finetune.py.
 # PLIMIT: seconds of pretraining steps (--time_limit_s); DEADLINE: seconds after start at which the arms are
 # stopped (their newest checkpoint is used). Draccus and its pure-Python deps come from .whl/*.whl when the image
 # lacks them (tools/device README). A scene-rendering pool with torch's default threads ran 250x slower on a
@@ -74,8 +75,9 @@ for m in glob.glob("/tmp/small/metrics-*.jsonl"):
     arm = m.split("metrics-")[1].removesuffix(".jsonl")
     val = [json.loads(line) for line in open(m) if "val/l1_current_dim0" in line]
     ckpts = sorted(glob.glob(f"/tmp/cl/runs/{arm}/{arm}--*_chkpt"), key=lambda p: int(p.rsplit("--", 1)[1].split("_")[0]))
-    if val and ckpts:
-        arms[arm] = ((val[-1]["val/l1_current_dim0"] + val[-1]["val/l1_current_dim1"]) / 2, val[-1]["step"], ckpts[-1])
+    if ckpts:  # an arm without a validation row still comes back (last in line)
+        xy = (val[-1]["val/l1_current_dim0"] + val[-1]["val/l1_current_dim1"]) / 2 if val else float("inf")
+        arms[arm] = (xy, val[-1]["step"] if val else None, ckpts[-1])
 print("arm: (last val x/y L1, its step, newest checkpoint)", arms)
 size = lambda pattern: sum(os.path.getsize(p) for p in glob.glob(pattern)) / 2**20
 for arm, (xy, step, ckpt) in sorted(arms.items(), key=lambda kv: kv[1][0]):
