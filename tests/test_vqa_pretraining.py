@@ -47,6 +47,33 @@ def test_answer_logits_match_the_full_forward_and_ignore_padding(encoder):
             )
 
 
+def test_prompts_padded_for_cuda_graphs_answer_like_unpadded_ones(encoder):
+    """--compile_mode reduce-overhead pads prompts to 64 positions and attends without a mask (right padding):
+    each row's answer logits must equal the unpadded, masked (sdpa) forward's. fp32 on the CPU; 1e-5 covers the
+    reordered sums of a different attention kernel, a real error (a padded key attended) moves them by >= 1e-2."""
+    from prismatic.models.llm_attention import restore_attention, use_right_padded_causal_attention
+
+    vla = load_script("make_tiny_checkpoint").build_tiny_policy(0, num_images=1).vla.eval()
+    examples = [make_example(0, i) for i in range(6)]
+    questions, answers = [e.question for e in examples], [e.answer for e in examples]
+    padded = QuestionEncoder(encoder.tokenizer, pad_to_multiple_of=64)(questions, answers)
+    plain = encoder(questions, answers)
+    assert padded.input_ids.shape[1] == 64 > plain.input_ids.shape[1]
+    assert torch.equal(padded.last_index, plain.last_index)
+    assert torch.equal(padded.input_ids[:, : plain.input_ids.shape[1]], plain.input_ids)
+    pixels = vlm_pixels(np.stack([e.image for e in examples]))
+    with torch.no_grad():
+        reference = answer_logits(vla, pixels, plain)
+        before = use_right_padded_causal_attention(vla.language_model)
+        try:
+            mask_free = answer_logits(vla, pixels, padded)
+        finally:
+            restore_attention(vla.language_model, before)
+    torch.testing.assert_close(mask_free, reference, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        QuestionEncoder(encoder.tokenizer, pad_to_multiple_of=0)
+
+
 def _pretrain(tmp_path, name, steps=40):
     script = load_script("pretrain_synthetic_vlm")
     args = ["--output_dir", str(tmp_path / name), "--steps", str(steps), "--batch_size", "8", "--learning_rate",

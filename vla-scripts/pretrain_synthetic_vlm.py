@@ -51,6 +51,10 @@ from make_tiny_checkpoint import build_tiny_policy  # noqa: E402
 
 from prismatic.extern.hf.processing_prismatic import normalize_uint8_images  # noqa: E402
 from prismatic.models.checkpoints import ACTION_QUERIES_KEY, write_prismatic_base_checkpoint  # noqa: E402
+from prismatic.models.llm_attention import restore_attention  # noqa: E402
+from prismatic.training.compilation import COMPILE_MODES, uses_cuda_graphs  # noqa: E402
+from prismatic.training.preparation import SpeedOptions, prepare_policy  # noqa: E402
+from prismatic.training.trainer import PolicyModules  # noqa: E402
 from prismatic.training.vqa import (  # noqa: E402
     IMAGE_SIZE,
     QuestionEncoder,
@@ -92,6 +96,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="scene rendering processes")
+    p.add_argument(
+        "--compile_mode", choices=("off", *COMPILE_MODES), default="off",
+        help="torch.compile the LLM and ViT blocks through finetune.py's preparation step (with the mask-free "
+        "causal attention of right-padded prompts); reduce-overhead also replays CUDA graphs, with prompts padded "
+        "to 64 positions. Changes how the steps compute (the weights' bits), not what",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -183,7 +193,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     images, objects = render_training_scenes(args.seed, args.num_scenes, args.workers)
     heldout = [make_example(args.seed, i, "heldout") for i in range(args.num_heldout)]
     heldout_images = resize_uint8(np.stack([e.image for e in heldout]), IMAGE_SIZE)
-    encoder = QuestionEncoder(load_qwen_tokenizer())
+    compiled = args.compile_mode != "off"
+    graphs = device.type == "cuda" and uses_cuda_graphs(compiled, args.compile_mode)
+    attention = vla.language_model.config._attn_implementation
+    if compiled:  # the trained weights stay fp32 and named as before; the saved config gets `attention` back
+        speed = SpeedOptions(fused_lora=False, compile=True, compile_mode=args.compile_mode)
+        prepare_policy(PolicyModules(vla, action_head=None, proprio_projector=None), speed)
+    encoder = QuestionEncoder(load_qwen_tokenizer(), pad_to_multiple_of=64 if graphs else 1)
 
     def evaluate() -> dict:
         return evaluate_answers(
@@ -214,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         pixels = normalize_uint8_images(images[torch.from_numpy(index)][:, None].to(device))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
+        if graphs:  # the previous step's graph outputs have been consumed by its backward
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = answer_loss(answer_logits(vla, pixels, batch), batch.answer_ids)
         loss.backward()
@@ -234,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     curves.close()
 
     vla.eval()
+    restore_attention(vla.language_model, attention)  # the base's config names a standard attention
     state = vla.state_dict()
     base_dir = out_dir / "base"
     write_prismatic_base_checkpoint(vla, base_dir, model_id=BASE_MODEL_ID)

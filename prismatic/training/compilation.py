@@ -38,7 +38,8 @@ def compile_policy(modules: PolicyModules, vision: bool = True, mode: str = "def
     functorch_config.donated_buffer = False
     vla = base_model(modules.vla)
     vla.language_model.model.compile(mode=mode)
-    modules.action_head.compile(mode=mode)
+    if modules.action_head is not None:  # None: a VLM without an action head (task-A pretraining)
+        modules.action_head.compile(mode=mode)
     if vision:
         for vit in vla.vision_backbone.vits:
             for block in vit.blocks:

@@ -48,8 +48,11 @@ class QuestionBatch:
 class QuestionEncoder:
     """Tokenizes questions (cached per string) and answers (each must be exactly one token)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int = 1) -> None:
+        if pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.tokenizer = tokenizer
+        self.pad_to_multiple_of = pad_to_multiple_of  # e.g. 64 under CUDA graphs: one prompt length, one graph
         self._prompts: dict[str, list[int]] = {}
         self._answers: dict[str, int] = {}
 
@@ -68,7 +71,8 @@ class QuestionEncoder:
 
     def __call__(self, questions: Sequence[str], answers: Sequence[str] | None = None) -> QuestionBatch:
         prompts = [self.prompt_ids(q) for q in questions]
-        ids = np.full((len(prompts), max(map(len, prompts))), PAD_TOKEN_ID, dtype=np.int64)
+        length = -(-max(map(len, prompts)) // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = np.full((len(prompts), length), PAD_TOKEN_ID, dtype=np.int64)
         mask = np.zeros(ids.shape, dtype=bool)
         for row, p in enumerate(prompts):
             ids[row, : len(p)], mask[row, : len(p)] = p, True
@@ -158,6 +162,8 @@ def evaluate_answers(
         stop = min(start + batch_size, len(questions))
         batch = encoder(questions[start:stop], answers[start:stop]).to(device)
         pixels = vlm_pixels(torch.as_tensor(np.asarray(images[start:stop]))).to(device)
+        if device.type == "cuda":  # compiled with CUDA graphs: the previous batch's outputs have been read
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             predicted = answer_logits(vla, pixels, batch).argmax(dim=-1)
         for qtype, ok in zip(qtypes[start:stop], (predicted == batch.answer_ids).tolist()):
