@@ -239,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 25 == 0 or step == args.steps - 1:
-            record({"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr_at(step, args)})
+            row = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr_at(step, args)}
+            record({**row, "elapsed_s": round(time.time() - loop_started, 3)})  # after the read: steps are done
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             accuracy = evaluate()
