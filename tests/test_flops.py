@@ -49,6 +49,14 @@ def test_step_flops_sum_the_micro_batches_at_their_own_lengths(released) -> None
     at = {t: step_flops(replace(released, text_len=t), "craft_online")["total"] for t in (105, 128)}
     assert count(batches) == 3 * at[105] + 2 * at[128]
     assert at[128] > at[105]
+    # With a host mask each row counts at its real length: right padding (to 128 here) adds nothing.
+    mask = torch.zeros(3, 128, dtype=torch.bool)
+    for row, n in enumerate((105, 128, 90)):
+        mask[row, :n] = True
+    at[90] = step_flops(replace(released, text_len=90), "craft_online")["total"]
+    padded = {"input_ids": torch.zeros(3, 128, dtype=torch.long), "attention_mask": mask}
+    assert count([padded]) == pytest.approx(at[105] + at[128] + at[90], rel=1e-12)
+    assert count([padded]) < 3 * at[128]
     with pytest.raises(ValueError, match="variant"):
         StepFlops(released, "craft")
 

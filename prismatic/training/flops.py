@@ -297,7 +297,9 @@ class StepFlops:
     """Model FLOPs of one optimizer step from the shapes of its micro-batches.
 
     The text length of a batch varies with its prompts and padding, so the per-sample count is kept per text
-    length (host arithmetic only, no device work).
+    length (host arithmetic only, no device work). Model FLOPs count each row at its own length (the real
+    tokens of a host-side ``attention_mask``): padding, e.g. to 64 positions under CUDA graphs, is computed but
+    is not the model's work, so it does not raise ``perf/mfu``. Without a host mask, the padded length counts.
     """
 
     def __init__(self, dims: ModelDims, variant: str) -> None:
@@ -312,4 +314,11 @@ class StepFlops:
         return self._per_sample[text_len]
 
     def __call__(self, micro_batches: Sequence[dict]) -> float:
-        return sum(b["input_ids"].shape[0] * self.per_sample(b["input_ids"].shape[1]) for b in micro_batches)
+        total = 0.0
+        for batch in micro_batches:
+            mask = batch.get("attention_mask")
+            if mask is not None and mask.device.type == "cpu":  # never read a device mask: it would stall the host
+                total += sum(self.per_sample(int(n)) for n in mask.sum(dim=1).tolist())
+            else:
+                total += batch["input_ids"].shape[0] * self.per_sample(batch["input_ids"].shape[1])
+        return total
