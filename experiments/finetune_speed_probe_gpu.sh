@@ -8,7 +8,7 @@
 #   eager-b64/             finetune.py eager, batch 64 (uint8 hand-off only)
 #   ro-b64/, ro-b128/      finetune.py --compile True --compile_mode reduce-overhead (CUDA graphs)
 # Each run dir keeps finetune.log and metrics.jsonl; summary.txt has the median step time after warm-up and the
-# seconds to the first logged step (start-up + compilation).
+# first step's perf/step_s (its compilation; start-up before the first step is not in it).
 #
 #   OUT=... BASE_PACK=.carry/base bash experiments/finetune_speed_probe_gpu.sh
 # On a CPU (a smoke run): DEVICE=cpu EPISODES=8 STEPS_EAGER=3 STEPS_RO=3 BATCHES_RO=2 BATCH_EAGER=2 ...

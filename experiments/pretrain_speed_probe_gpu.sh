@@ -3,7 +3,8 @@
 # with --compile_mode reduce-overhead, same call, same card: steps per second after compilation, from the
 # elapsed_s of curves.jsonl (rows every 25 steps; the rate is taken over the last half of each run's rows), and
 # whether CUDA graphs run with deterministic algorithms and the held-out evaluation. Fewer scenes than the real
-# run (rendering is not what is measured). ~200 s in all.
+# run (rendering is not what is measured). ~300 s in all with LIMIT=30 (the compiled run has a 180 s guard). The
+# eval's last held-out batch is smaller (512 = 2 x 256 here: none), else it records graphs of its own.
 #   OUT=... bash experiments/pretrain_speed_probe_gpu.sh
 # On a CPU (smoke): DEVICE=cpu MODES="off default" LIMIT=5 SIZE="--llm_layers 2 --llm_hidden_size 64 --vit_embed_dims 32 48 --vit_depth 2"
 set -u

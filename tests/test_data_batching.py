@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -149,7 +150,7 @@ def test_pixel_values_order_primary_then_wrist_dino_then_siglip(prompt_tokenizer
 def test_uint8_hand_off_normalizes_to_the_host_values(prompt_tokenizer):
     """normalize_images=False: the collated batch carries the uint8 images, and normalize_batch_images turns it
     into exactly (bit for bit) the host-normalized batch; the other tensors are untouched. On a GPU the same
-    check runs in experiments/throughput_diagnostic_gpu.sh (elementwise float32 ops round identically)."""
+    check runs in experiments/finetune_speed_probe_gpu.sh (elementwise float32 ops round identically)."""
     rng = np.random.default_rng(3)
     frames = [make_frame(f"unit/0/{i}", rng, "pick up the red block" + " now" * i) for i in range(3)]
     collate = PaddedCollator()
@@ -163,6 +164,26 @@ def test_uint8_hand_off_normalizes_to_the_host_values(prompt_tokenizer):
     assert normalize_batch_images(host) is host  # float batches pass through
     with pytest.raises(ValueError, match="B, n_images, H, W, 3"):
         normalize_batch_images({**raw, "pixel_values": raw["pixel_values"][0]})
+
+
+def test_finetune_data_with_on_device_images_yields_the_host_batches(tmp_path):
+    """finetune.py's training data as a GPU run builds it (uint8 hand-off, normalized as the iterator yields),
+    forced on the CPU: the same steps, bit for bit, as the host-normalized path, with accumulation and a resume."""
+    from prismatic.training.data_setup import build_training_data
+    from prismatic.training.distributed import DistributedContext
+    from prismatic.training.finetune_config import FinetuneConfig
+
+    cfg = FinetuneConfig(vlm_path=str(tmp_path), data_source="synthetic", synthetic_num_episodes=3, batch_size=2,
+                         grad_accumulation_steps=2, dataset_name="synthetic_no_noops")  # fmt: skip
+    ctx = DistributedContext(0, 1, 0, torch.device("cpu"))
+    for start in (0, 3):
+        host = list(itertools.islice(build_training_data(cfg, ctx, on_device_images=False).train_steps(start), 3))
+        device = list(itertools.islice(build_training_data(cfg, ctx, on_device_images=True).train_steps(start), 3))
+        assert len(host) == len(device) == 3
+        for host_step, device_step in zip(host, device):
+            assert len(host_step) == len(device_step) == 2
+            for a, b in zip(host_step, device_step):
+                assert_batches_equal(b, a)
 
 
 def test_action_slots_hold_the_chunk_tokens(prompt_tokenizer):

@@ -57,6 +57,9 @@ def test_step_flops_sum_the_micro_batches_at_their_own_lengths(released) -> None
     padded = {"input_ids": torch.zeros(3, 128, dtype=torch.long), "attention_mask": mask}
     assert count([padded]) == pytest.approx(at[105] + at[128] + at[90], rel=1e-12)
     assert count([padded]) < 3 * at[128]
+    # A mask on a device is never read (it would stall the host): the padded length counts, as without a mask.
+    on_device = {**padded, "attention_mask": mask.to("meta")}
+    assert count([on_device]) == 3 * at[128]
     with pytest.raises(ValueError, match="variant"):
         StepFlops(released, "craft")
 

@@ -168,7 +168,8 @@ def run(cfg: FinetuneConfig, ctx: DistributedContext) -> None:
     l2sp = L2SP(modules.shared_parameters(), cfg.l2sp_weight) if cfg.l2sp_weight > 0 else None
     cotrain = task_a_val = None
     if cfg.cotrain_fraction > 0 or cfg.task_a_val_questions > 0:
-        encoder = QuestionEncoder(load_qwen_tokenizer())
+        # padded like the action batches: under CUDA graphs one prompt length records one set of graphs
+        encoder = QuestionEncoder(load_qwen_tokenizer(), pad_to_multiple_of=cfg.batch_length_multiple)
         if cfg.cotrain_fraction > 0:
             cotrain = TaskACoTraining(
                 encoder, cfg.batch_size, cfg.cotrain_fraction, scene_seed=cfg.task_a_seed, question_seed=cfg.seed,

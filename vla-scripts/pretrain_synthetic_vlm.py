@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     compiled = args.compile_mode != "off"
     graphs = device.type == "cuda" and uses_cuda_graphs(compiled, args.compile_mode)
     attention = vla.language_model.config._attn_implementation
-    if compiled:  # the trained weights stay fp32 and named as before; the saved config gets `attention` back
+    if compiled:  # the trained weights stay fp32 and keep their names (the base checkpoint is unchanged in form)
         speed = SpeedOptions(fused_lora=False, compile=True, compile_mode=args.compile_mode)
         prepare_policy(PolicyModules(vla, action_head=None, proprio_projector=None), speed)
     encoder = QuestionEncoder(load_qwen_tokenizer(), pad_to_multiple_of=64 if graphs else 1)
@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     curves.close()
 
     vla.eval()
-    restore_attention(vla.language_model, attention)  # the base's config names a standard attention
+    restore_attention(vla.language_model, attention)  # for callers that use `vla` after main (nothing saves it)
     state = vla.state_dict()
     base_dir = out_dir / "base"
     write_prismatic_base_checkpoint(vla, base_dir, model_id=BASE_MODEL_ID)

@@ -52,14 +52,20 @@ def _group_steps(micro_batches: Iterator[dict], accumulation: int) -> Iterator[l
         yield group
 
 
-def build_training_data(cfg: Any, ctx: DistributedContext) -> TrainingData:
-    """The data a ``FinetuneConfig`` asks for (both sources produce LIBERO shapes: chunk 8, action 7, proprio 8)."""
+def build_training_data(cfg: Any, ctx: DistributedContext, on_device_images: bool | None = None) -> TrainingData:
+    """The data a ``FinetuneConfig`` asks for (both sources produce LIBERO shapes: chunk 8, action 7, proprio 8).
+
+    ``on_device_images`` (synthetic source; default: on a GPU) hands training batches over as uint8 images that
+    are copied to ``ctx.device`` and normalized there as the data iterator yields them, so ``perf/data_wait_frac``
+    includes that copy (asynchronous from the workers' pinned batches) and the normalization's launch. With
+    gradient accumulation the step's micro-batches are all on the device, normalized, before its first forward.
+    """
     if cfg.data_source == "synthetic":
-        return _synthetic_data(cfg, ctx)
+        return _synthetic_data(cfg, ctx, ctx.device.type == "cuda" if on_device_images is None else on_device_images)
     return _rlds_data(cfg, ctx)
 
 
-def _synthetic_data(cfg: Any, ctx: DistributedContext) -> TrainingData:
+def _synthetic_data(cfg: Any, ctx: DistributedContext, on_device_images: bool) -> TrainingData:
     from prismatic.vla.datasets.batching import PaddedCollator, normalize_batch_images
     from prismatic.vla.datasets.torch_source import (
         DEFAULT_EPISODE_LENGTH,
@@ -71,7 +77,6 @@ def _synthetic_data(cfg: Any, ctx: DistributedContext) -> TrainingData:
     # On a GPU the training batches travel as uint8 images and are normalized there (the same float32 values,
     # an eighth of the bytes to collate, pin and copy: at batch 64 the float32 hand-off alone capped an H100 run
     # at ~1,100 samples/s, craft_progress.md phase 5). Validation batches are few and stay host-normalized.
-    on_device_images = ctx.device.type == "cuda"
     source = SyntheticTorchSource(
         num_episodes=cfg.synthetic_num_episodes,
         episode_length=length,

@@ -41,7 +41,7 @@ class PolicyModules:
     """
 
     vla: nn.Module
-    action_head: nn.Module
+    action_head: nn.Module | None  # None only for a VLM prepared without a head (task-A pretraining)
     proprio_projector: nn.Module | None
     batch_check: Callable[[dict], None] | None = None
 
@@ -51,7 +51,7 @@ class PolicyModules:
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters that only the action loss reaches (action head, proprio projector)."""
-        mods = [self.action_head] + ([self.proprio_projector] if self.proprio_projector is not None else [])
+        mods = [m for m in (self.action_head, self.proprio_projector) if m is not None]
         return [p for m in mods for p in m.parameters() if p.requires_grad]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
