@@ -18,6 +18,7 @@
 # TINY_RUNS="<same format as RUNS>" also runs arms from the tiny random base (make_tiny_checkpoint.py, its pos
 # field picks random|sincos tables) next to them, stopped at the same DEADLINE and selected with them (their run
 # ids must differ from RUNS'; the tiny base is deterministic, so regenerate it on the CPU machine to unpack).
+# SNAPSHOT=1 packs each new checkpoint into $OUT while the arm runs (one arm: a cut-short call still returns one).
 # FINETUNE_FLAGS (e.g. "--compile True --compile_mode reduce-overhead") reaches every arm's finetune.py.
 # PLIMIT: seconds of pretraining steps (--time_limit_s); DEADLINE: seconds after start at which the arms are
 # stopped (their newest checkpoint is used). Draccus and its pure-Python deps come from .whl/*.whl when the image
@@ -60,7 +61,28 @@ if [ "$RUNS" != none ]; then
   # TINY_RUNS: arms from the tiny random base next to them (no BASE: per-run base, see RUNS' pos field)
   [ -n "${TINY_RUNS:-}" ] && pids+=("$(launch "$TINY_RUNS" "$S/arms-tiny.log")")
   running() { local p; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
-  while running && [ "$(el)" -lt "$DEADLINE" ]; do sleep 5; done
+  # SNAPSHOT=1 (one arm): pack each new checkpoint into $OUT as it appears (checkpoints are published by an atomic
+  # rename), with the arm's config and metrics, so a call cut short (rc 124: a smaller limit than planned) still
+  # returns the newest one. The selection below replaces it with the same or a newer one.
+  declare -A snapped=()
+  snapshot() {
+    local d id ck
+    for d in /tmp/cl/runs/*/; do
+      [ -d "$d" ] || continue
+      id=$(basename "$d"); ck=$(ls -d "$d$id"--*_chkpt 2>/dev/null | sort -V | tail -1)
+      [ -n "$ck" ] && [ "$ck" != "${snapped[$id]:-}" ] || continue
+      rm -rf "/tmp/snap_$id" && mkdir -p "/tmp/snap_$id"
+      python3 vla-scripts/pack_checkpoint.py pack "$ck" "/tmp/snap_$id/ck" --ref /tmp/ref.pt \
+        /tmp/vlmA/base/checkpoints/*.pt >> "$S/pack.log" 2>&1 || continue
+      rm -f "$OUT/ck_$id".part*
+      for p in "/tmp/snap_$id"/ck.part*; do mv "$p" "$OUT/ck_$id.${p##*.}"; done
+      cp "$d/finetune_config.json" "$OUT/config-$id.json"; cp "$d/metrics.jsonl" "$OUT/metrics-$id.jsonl"
+      snapped[$id]=$ck; echo "snapshot of $(basename "$ck") at $(el)s" >> "$S/timeline.txt"
+    done
+  }
+  while running && [ "$(el)" -lt "$DEADLINE" ]; do
+    sleep 5; [ "${SNAPSHOT:-0}" = 1 ] && snapshot
+  done
   for p in "${pids[@]}"; do kill -- -"$p" 2>/dev/null; done
   sleep 3; echo "arms stopped at $(el)s" >> "$S/timeline.txt"
   for f in /tmp/cl/*.log; do cp "$f" "$S/arm-$(basename "$f")"; done
@@ -84,6 +106,8 @@ for arm, (xy, step, ckpt) in sorted(arms.items(), key=lambda kv: kv[1][0]):
     refs = ["/tmp/ref.pt", *glob.glob("/tmp/vlmA/base/checkpoints/*.pt")]
     subprocess.run(["python3", "vla-scripts/pack_checkpoint.py", "pack", ckpt, f"/tmp/pk_{arm}/ck", "--ref", *refs], check=True)
     mib = size(f"/tmp/pk_{arm}/ck.part*")
+    for p in glob.glob(f"{out}/ck_{arm}.part*"):  # SNAPSHOT=1's copy of this arm: replaced by the newest
+        os.remove(p)
     print(f"{arm}: {mib:.1f} MiB next to {size(out + '/*.part*'):.1f} MiB already brought back")
     if mib + size(out + "/*.part*") < 60:
         for p in glob.glob(f"/tmp/pk_{arm}/ck.part*"):
