@@ -14,20 +14,10 @@
 # On a CPU (a smoke run): DEVICE=cpu EPISODES=8 STEPS_EAGER=3 STEPS_RO=3 BATCHES_RO=2 BATCH_EAGER=2 ...
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if ! python3 -c "import draccus" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 DEVICE="${DEVICE:-cuda}"; EPISODES="${EPISODES:-400}"; WORKERS="${SYNTHETIC_SOURCE_WORKERS:-12}"
 STEPS_EAGER="${STEPS_EAGER:-300}"; STEPS_RO="${STEPS_RO:-700}"; BATCH_EAGER="${BATCH_EAGER:-64}"
 BATCHES_RO="${BATCHES_RO:-64 128}"
-mkdir -p "$OUT"
-{ date -u; nvidia-smi -L 2>/dev/null; git rev-parse HEAD 2>/dev/null; nproc; } > "$OUT/env.txt" 2>&1
-python3 vla-scripts/pack_checkpoint.py seeded-embedding /tmp/ref.pt > "$OUT/pack.log" 2>&1
-python3 vla-scripts/pack_checkpoint.py unpack "$BASE_PACK" "${BASE_DIR:-/tmp/vlmA/base}" --ref /tmp/ref.pt >> "$OUT/pack.log" 2>&1 \
-  || { echo "unpack failed"; tail -5 "$OUT/pack.log"; exit 1; }
-base="${BASE_DIR:-/tmp/vlmA/base}"
+source experiments/gpu_base_env.sh  # draccus, environment, env.txt, $base from $BASE_PACK
 
 timeout 60 python3 - "$DEVICE" > "$OUT/handoff.txt" 2>&1 <<'EOF'
 import sys

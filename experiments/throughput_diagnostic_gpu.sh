@@ -15,19 +15,9 @@
 # smoke run): DEVICE=cpu BATCHES="2" STEPS=3 PSTART=1 EPISODES=8 LOADER_ARGS="--batch_size 4 --batches 2".
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if ! python3 -c "import draccus" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 DEVICE="${DEVICE:-cuda}"; BATCHES="${BATCHES:-64 128}"; STEPS="${STEPS:-260}"; PSTART="${PSTART:-200}"
 EPISODES="${EPISODES:-1600}"; WORKERS="${SYNTHETIC_SOURCE_WORKERS:-12}"; first="${BATCHES%% *}"
-mkdir -p "$OUT"
-{ date -u; nvidia-smi -L 2>/dev/null; git rev-parse HEAD 2>/dev/null; nproc; } > "$OUT/env.txt" 2>&1
-python3 vla-scripts/pack_checkpoint.py seeded-embedding /tmp/ref.pt > "$OUT/pack.log" 2>&1
-python3 vla-scripts/pack_checkpoint.py unpack "$BASE_PACK" /tmp/vlmA/base --ref /tmp/ref.pt >> "$OUT/pack.log" 2>&1 \
-  || { echo "unpack failed"; tail -5 "$OUT/pack.log"; exit 1; }
-base=/tmp/vlmA/base
+source experiments/gpu_base_env.sh  # draccus, environment, env.txt, $base from $BASE_PACK
 
 # 1. finetune.py as arm L ran it, profiled over 5 iterations (a throwaway run root).
 rm -rf /tmp/diag
