@@ -51,8 +51,7 @@ from make_tiny_checkpoint import build_tiny_policy  # noqa: E402
 
 from prismatic.extern.hf.processing_prismatic import normalize_uint8_images  # noqa: E402
 from prismatic.models.checkpoints import ACTION_QUERIES_KEY, write_prismatic_base_checkpoint  # noqa: E402
-from prismatic.models.llm_attention import restore_attention  # noqa: E402
-from prismatic.training.compilation import COMPILE_MODES, uses_cuda_graphs  # noqa: E402
+from prismatic.training.compilation import COMPILE_MODES, CUDA_GRAPH_LENGTH_MULTIPLE, uses_cuda_graphs  # noqa: E402
 from prismatic.training.preparation import SpeedOptions, prepare_policy  # noqa: E402
 from prismatic.training.trainer import PolicyModules  # noqa: E402
 from prismatic.training.vqa import (  # noqa: E402
@@ -100,7 +99,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--compile_mode", choices=("off", *COMPILE_MODES), default="off",
         help="torch.compile the LLM and ViT blocks through finetune.py's preparation step (with the mask-free "
         "causal attention of right-padded prompts); reduce-overhead also replays CUDA graphs, with prompts padded "
-        "to 64 positions. Changes how the steps compute (the weights' bits), not what",
+        "to a multiple of 64 positions. Changes how the steps compute (the weights' bits), not what",
     )  # fmt: skip
     return p.parse_args(argv)
 
@@ -195,11 +194,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     heldout_images = resize_uint8(np.stack([e.image for e in heldout]), IMAGE_SIZE)
     compiled = args.compile_mode != "off"
     graphs = device.type == "cuda" and uses_cuda_graphs(compiled, args.compile_mode)
-    attention = vla.language_model.config._attn_implementation
     if compiled:  # the trained weights stay fp32 and keep their names (the base checkpoint is unchanged in form)
         speed = SpeedOptions(fused_lora=False, compile=True, compile_mode=args.compile_mode)
         prepare_policy(PolicyModules(vla, action_head=None, proprio_projector=None), speed)
-    encoder = QuestionEncoder(load_qwen_tokenizer(), pad_to_multiple_of=64 if graphs else 1)
+    encoder = QuestionEncoder(load_qwen_tokenizer(), pad_to_multiple_of=CUDA_GRAPH_LENGTH_MULTIPLE if graphs else 1)
 
     def evaluate() -> dict:
         return evaluate_answers(
@@ -253,7 +251,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     curves.close()
 
     vla.eval()
-    restore_attention(vla.language_model, attention)  # for callers that use `vla` after main (nothing saves it)
     state = vla.state_dict()
     base_dir = out_dir / "base"
     write_prismatic_base_checkpoint(vla, base_dir, model_id=BASE_MODEL_ID)

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from prismatic.training.trainer import PolicyModules
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_LENGTH_MULTIPLE = 64  # sequences padded to multiples of this under CUDA graphs: few shapes, few graphs
 
 
 def uses_cuda_graphs(compile: bool, mode: str) -> bool:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from prismatic.training.compilation import COMPILE_MODES, uses_cuda_graphs
+from prismatic.training.compilation import COMPILE_MODES, CUDA_GRAPH_LENGTH_MULTIPLE, uses_cuda_graphs
 from prismatic.training.craft_utils import CRaFTConfig
 
 DATA_SOURCES = ("rlds", "synthetic")
@@ -220,7 +220,7 @@ class FinetuneConfig(CraftFlags):
         """Padded batch lengths are multiples of this: every new length records new CUDA graphs."""
         if self.pad_to_multiple_of is not None:
             return self.pad_to_multiple_of
-        return 64 if self.cuda_graphs else 1
+        return CUDA_GRAPH_LENGTH_MULTIPLE if self.cuda_graphs else 1
 
     def craft_config(self) -> CRaFTConfig:
         """The ``CRaFTConfig`` described by the ``--craft_*`` flags."""
