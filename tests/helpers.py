@@ -3,7 +3,9 @@ read back what it wrote; import vla-scripts; build the small synthetic RLDS data
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -50,17 +52,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class WarmInterpreters:
+    """One Python process kept a run ahead that has already imported what finetune.py imports
+    (``tests/warm_interpreter.py``): a run takes it and starts the next one, so the ~8 s of imports overlap the
+    test that runs meanwhile instead of adding to it. Each run is still a process of its own, as a user's
+    ``python finetune.py ...`` is; a run with another environment than the waiting process's gets a cold one.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: subprocess.Popen | None = None
+        self._waiting_env: dict[str, str] | None = None
+
+    def _start(self, env: dict[str, str]) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "warm_interpreter.py")], cwd=REPO, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def run(self, script: Path, args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        """``subprocess.run([python, script, *args], cwd=REPO, env=env, capture_output=True, timeout=timeout)``."""
+        proc = self._waiting if self._waiting is not None and self._waiting_env == env else None
+        if proc is None or proc.poll() is not None:
+            self.close()
+            proc = self._start(env)
+        self._waiting, self._waiting_env = self._start(env), env  # warms up while this run goes on
+        job = json.dumps({"script": str(script), "args": list(args), "cwd": str(REPO)}) + "\n"
+        try:
+            stdout, stderr = proc.communicate(job, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        return subprocess.CompletedProcess([sys.executable, str(script), *args], proc.returncode, stdout, stderr)
+
+    def close(self) -> None:
+        if self._waiting is not None:
+            self._waiting.kill()
+            self._waiting.communicate()
+            self._waiting = None
+
+
+WARM_INTERPRETERS = WarmInterpreters()
+atexit.register(WARM_INTERPRETERS.close)
+
+
 def run_finetune(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run finetune.py as a user would; raise with its output on failure."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TF_CPP_MIN_LOG_LEVEL": "3"}
     if nproc == 1:
-        cmd = [sys.executable, str(FINETUNE), *args]
+        proc = WARM_INTERPRETERS.run(FINETUNE, [str(a) for a in args], env, timeout)
     else:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
             f"--master-port={free_port()}", str(FINETUNE), *args,
         ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"finetune failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
