@@ -4,7 +4,8 @@ Started by ``helpers.run_finetune`` one run ahead, so that these imports (~8 s o
 test run) happen while the previous test is still running. The job is one JSON line on stdin,
 ``{"script": ..., "args": [...], "cwd": ...}``; the script then runs as ``python <script> <args>`` would: as
 ``__main__``, with its folder first on ``sys.path``, in a process of its own (own hash seed, own module state),
-and its exit status is the interpreter's. Only modules the script imports at its top are imported here, so a run
+and its exit status is the interpreter's (an uncaught exception's traceback starts with two more frames, this
+file's and runpy's). Only modules the script imports at its top are imported here, so a run
 never sees a module it would not have loaded itself.
 """
 

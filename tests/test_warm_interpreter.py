@@ -1,0 +1,32 @@
+"""The test helper's warm interpreters run a script as a plain ``python script.py args`` does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import REPO, WARM_INTERPRETERS
+
+PROBE = """
+import json, os, sys
+print(json.dumps({"argv": sys.argv, "name": __name__, "path0": sys.path[0], "cwd": os.getcwd(),
+                  "stdin": sys.stdin.read(), "env": os.environ.get("PROBE_VALUE")}))
+print("to stderr", file=sys.stderr)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def test_a_warm_run_matches_a_plain_subprocess(tmp_path: Path) -> None:
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env["PROBE_VALUE"] = "x y"
+    for code in ("0", "3"):
+        args = [code, "--flag=a b"]
+        plain = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True,
+                               text=True, timeout=60)  # fmt: skip
+        warm = WARM_INTERPRETERS.run(script, args, env, timeout=120)
+        assert (warm.returncode, warm.stdout, warm.stderr) == (plain.returncode, plain.stdout, plain.stderr)
+        assert plain.returncode == int(code)
