@@ -62,6 +62,7 @@ class WarmInterpreters:
     def __init__(self) -> None:
         self._waiting: subprocess.Popen | None = None
         self._waiting_env: dict[str, str] | None = None
+        self.cold_starts = 0  # runs that found no waiting interpreter with their environment
 
     def _start(self, env: dict[str, str]) -> subprocess.Popen:
         return subprocess.Popen(
@@ -75,6 +76,7 @@ class WarmInterpreters:
         if proc is None or proc.poll() is not None:
             self.close()
             proc = self._start(env)
+            self.cold_starts += 1
         self._waiting, self._waiting_env = self._start(env), env  # warms up while this run goes on
         job = json.dumps({"script": str(script), "args": list(args), "cwd": str(REPO)}) + "\n"
         try:
@@ -96,9 +98,16 @@ WARM_INTERPRETERS = WarmInterpreters()
 atexit.register(WARM_INTERPRETERS.close)
 
 
+def script_env() -> dict[str, str]:
+    """The environment of a script run: this one's, without pytest's per-test variable (it changes with every
+    test, so the interpreter warmed during one test could never serve the next), one thread per process."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    return {**env, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
 def run_finetune(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run finetune.py as a user would; raise with its output on failure."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = script_env()
     if nproc == 1:
         proc = WARM_INTERPRETERS.run(FINETUNE, [str(a) for a in args], env, timeout)
     else:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO, WARM_INTERPRETERS
+import pytest
+from helpers import REPO, WARM_INTERPRETERS, script_env
 
 PROBE = """
 import json, os, sys
@@ -21,8 +21,7 @@ sys.exit(int(sys.argv[1]))
 def test_a_warm_run_matches_a_plain_subprocess(tmp_path: Path) -> None:
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env["PROBE_VALUE"] = "x y"
+    env = {**script_env(), "PROBE_VALUE": "x y"}
     for code in ("0", "3"):
         args = [code, "--flag=a b"]
         plain = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True,
@@ -30,3 +29,15 @@ def test_a_warm_run_matches_a_plain_subprocess(tmp_path: Path) -> None:
         warm = WARM_INTERPRETERS.run(script, args, env, timeout=120)
         assert (warm.returncode, warm.stdout, warm.stderr) == (plain.returncode, plain.stdout, plain.stderr)
         assert plain.returncode == int(code)
+
+
+def test_the_next_test_finds_a_warm_interpreter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytest sets PYTEST_CURRENT_TEST anew for every test: runs must not carry it, or no warm interpreter
+    would ever serve the test after the one it was started in."""
+    script = tmp_path / "probe.py"
+    script.write_text("import sys\n")
+    WARM_INTERPRETERS.run(script, [], script_env(), timeout=120)
+    before = WARM_INTERPRETERS.cold_starts
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/another.py::test_next (call)")
+    assert WARM_INTERPRETERS.run(script, [], script_env(), timeout=120).returncode == 0
+    assert WARM_INTERPRETERS.cold_starts == before
