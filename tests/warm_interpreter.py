@@ -5,8 +5,9 @@ test run) happen while the previous test is still running. The job is one JSON l
 ``{"script": ..., "args": [...], "cwd": ...}``; the script then runs as ``python <script> <args>`` would: as
 ``__main__``, with its folder first on ``sys.path``, in a process of its own (own hash seed, own module state),
 and its exit status is the interpreter's (an uncaught exception's traceback starts with two more frames, this
-file's and runpy's). Only modules the script imports at its top are imported here, so a run
-never sees a module it would not have loaded itself.
+file's and runpy's). Only modules finetune.py imports at its top are imported here, so a finetune.py run never
+sees a module it would not have loaded itself (other scripts, such as the probe of tests/test_warm_interpreter.py,
+would).
 """
 
 import json
@@ -26,7 +27,7 @@ if not job_line:  # released unused
     sys.exit(0)
 job = json.loads(job_line)
 devnull = os.open(os.devnull, os.O_RDONLY)
-os.dup2(devnull, 0)  # as subprocess.run without input: the script's stdin is not this job pipe
+os.dup2(devnull, 0)  # the script reads an empty stdin, not this job pipe
 os.chdir(job["cwd"])
 sys.argv = [job["script"], *job["args"]]
 sys.path[0] = os.path.dirname(os.path.abspath(job["script"]))
