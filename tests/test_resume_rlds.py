@@ -11,7 +11,6 @@ s x grad_accumulation_steps x batch_size frames before decoding (stream.make_fra
 from __future__ import annotations
 
 import itertools
-import os
 import signal
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from helpers import (
     build_synthetic_root,
     checkpoint_tensors,
     metrics,
+    run_finetune,
+    script_env,
     tiny_args,
 )
 
@@ -113,23 +114,14 @@ def test_training_data_resumes_mid_stream_with_accumulation(data_root: Path, tmp
                     assert value == batch_b[key], key
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TF_CPP_MIN_LOG_LEVEL": "3"}
-
-
-def _finetune(args: list[str]) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(FINETUNE), *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, f"finetune failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-
-
 def _start_and_kill_after_checkpoint(args: list[str], checkpoint: Path, timeout: float = 300.0) -> None:
     """Launch finetune.py, SIGKILL it as soon as ``checkpoint`` is complete (its training state is written last)."""
     log = checkpoint.parents[1] / "killed_run.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(FINETUNE), *args], cwd=REPO, env=_env(), stdout=out, stderr=out)
+        proc = subprocess.Popen(
+            [sys.executable, str(FINETUNE), *args], cwd=REPO, env=script_env(), stdout=out, stderr=out
+        )
         deadline = time.monotonic() + timeout
         try:
             while not (checkpoint / "training_state" / "state.pt").exists():
@@ -163,11 +155,11 @@ def test_killed_and_resumed_rlds_run_equals_uninterrupted(data_root: Path, tiny_
         num_steps_before_decay=4,
     )
     straight, split = tmp_path / "straight", tmp_path / "split"
-    _finetune(tiny_args(tiny_base, straight, max_steps=steps, **common))
+    run_finetune(tiny_args(tiny_base, straight, max_steps=steps, **common))
     _start_and_kill_after_checkpoint(
         tiny_args(tiny_base, split, max_steps=100, **common), split / "run" / "run--2_chkpt"
     )
-    _finetune(tiny_args(tiny_base, split, max_steps=steps, resume=True, resume_step=saved, **common))
+    run_finetune(tiny_args(tiny_base, split, max_steps=steps, resume=True, resume_step=saved, **common))
 
     a, b = checkpoint_tensors(straight / "run", steps), checkpoint_tensors(split / "run", steps)
     assert a.keys() == b.keys()
