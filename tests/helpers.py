@@ -105,17 +105,24 @@ def script_env() -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
+def run_script(script: Path, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run one of the repo's scripts in a process of its own (a warm interpreter, ``script_env()``); raise with
+    its output on failure."""
+    proc = WARM_INTERPRETERS.run(script, [str(a) for a in args], script_env(), timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{script.name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
 def run_finetune(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run finetune.py as a user would; raise with its output on failure."""
-    env = script_env()
     if nproc == 1:
-        proc = WARM_INTERPRETERS.run(FINETUNE, [str(a) for a in args], env, timeout)
-    else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--master-port={free_port()}", str(FINETUNE), *args,
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        return run_script(FINETUNE, args, timeout)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}", str(FINETUNE), *args,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"finetune failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc

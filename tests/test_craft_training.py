@@ -11,8 +11,6 @@ product, the cosine) also get a small absolute tolerance scaled to the gradient 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from helpers import (
     checkpoint_tensors,
     metrics,
     run_finetune,
+    run_script,
     tiny_args,
 )
 
@@ -151,13 +150,11 @@ def test_cache_and_online_anchors_agree(tiny_base: Path, tmp_path: Path) -> None
     the same L_ret: ~0 at step 1 (the student is the start model), and equal up to fp16 rounding later."""
     cache = tmp_path / "cache"
     build = [
-        sys.executable, str(REPO / "vla-scripts" / "build_craft_cache.py"),
         f"--pretrained_checkpoint={tiny_base}", "--use_minivlm=True", f"--config_file_path={tiny_base / 'hf_config'}",
         "--data_source=synthetic", "--dataset_name=synthetic_libero", "--synthetic_num_episodes=3", "--seed=3",
         f"--output_dir={cache}", "--device=cpu", "--batch_size=8", "--show_progress=False",
     ]  # fmt: skip
-    proc = subprocess.run(build, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_script(REPO / "vla-scripts" / "build_craft_cache.py", build)
     runs = {}
     for source in ("online", "cache"):
         # Projection off: with it on, the cache's fp16 rounding gives a tiny but non-zero g_ret at step 1, and the
