@@ -4,7 +4,9 @@
 # the arm with the lowest held-out x/y L1 if it fits next to the base. Everything that comes back is under $OUT:
 #   base.partNN              the base VLM without its seeded embedding (vla-scripts/pack_checkpoint.py)
 #   ck_<arm>.partNN          that arm's newest checkpoint without what equals the base (and without optimizer state)
-#   small.tgz                pretrain_report.json, curves, logs, each arm's metrics.jsonl and finetune_config.json
+#   small/                   timeline.txt, env.txt, logs, pretrain_report.json, curves, each arm's metrics.jsonl
+#                            and finetune_config.json: written there as the call goes, so a call cut short by its
+#                            limit still returns them (the timeline is also printed as it happens)
 # Unpack on the CPU machine (same paths as on the GPU, since a LoRA checkpoint names its base):
 #   python vla-scripts/pack_checkpoint.py seeded-embedding /tmp/ref.pt
 #   python vla-scripts/pack_checkpoint.py unpack <files>/base /tmp/vlmA/base --ref /tmp/ref.pt
@@ -21,7 +23,9 @@
 # SNAPSHOT=1 packs each new checkpoint into $OUT while the arm runs (one arm: a cut-short call still returns one).
 # FINETUNE_FLAGS (e.g. "--compile True --compile_mode reduce-overhead") reaches every arm's finetune.py.
 # PLIMIT: seconds of pretraining steps (--time_limit_s); DEADLINE: seconds after start at which the arms are
-# stopped (their newest checkpoint is used). Draccus and its pure-Python deps come from .whl/*.whl when the image
+# stopped (their newest checkpoint is used). CALL_LIMIT (default 590): the call's own limit in seconds; the
+# pretraining loop also stops 75 s before it (--stop_at_unix), leaving time for its final evaluation, save and pack
+# (a 16,000-step pretraining call on a warm machine, 2026-12-06, ran into the call's limit and returned nothing). Draccus and its pure-Python deps come from .whl/*.whl when the image
 # lacks them (tools/device README). A scene-rendering pool with torch's default threads ran 250x slower on a
 # 16-core H100 host (2026-12-06); the script now pins one thread per worker.
 set -u
@@ -33,21 +37,25 @@ if ! python3 -c "import draccus" 2>/dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-S=/tmp/small; mkdir -p "$S" "$OUT"
-{ date -u; nvidia-smi -L; git rev-parse HEAD; python3 -c "import torch; print(torch.__version__)"; nproc; } \
-  > "$S/env.txt" 2>&1
+S="$OUT/small"; mkdir -p "$S"
+mark() { echo "$* at $(el)s" | tee -a "$S/timeline.txt"; }  # progress, kept and shown as it happens
+CALL_LIMIT=${CALL_LIMIT:-590}
+{ date -u; nvidia-smi -L; git rev-parse HEAD; python3 -c "import torch; print(torch.__version__)"; nproc; uptime
+  echo "python processes already running: $(pgrep -c python || true)"; } > "$S/env.txt" 2>&1
 python3 vla-scripts/pack_checkpoint.py seeded-embedding /tmp/ref.pt ${REFARGS:-} >> "$S/pack.log" 2>&1
 if [ -n "${BASE_PACK:-}" ]; then
   python3 vla-scripts/pack_checkpoint.py unpack "$BASE_PACK" /tmp/vlmA/base --ref /tmp/ref.pt >> "$S/pack.log" 2>&1 \
-    || exit 1
-  echo "base unpacked from $BASE_PACK at $(el)s" >> "$S/timeline.txt"
+    || { mark "unpacking $BASE_PACK failed: $(tail -1 "$S/pack.log")"; exit 1; }
+  mark "base unpacked from $BASE_PACK"
 else
-  timeout $((PLIMIT + 150)) python3 vla-scripts/pretrain_synthetic_vlm.py --output_dir /tmp/vlmA --steps "$PSTEPS" \
-    --time_limit_s "$PLIMIT" ${PARGS:-} > "$S/pretrain.log" 2>&1
-  echo "pretraining rc=$? at $(el)s" >> "$S/timeline.txt"
+  mark "pretraining starts"
+  timeout $((CALL_LIMIT - $(el) - 20)) python3 vla-scripts/pretrain_synthetic_vlm.py --output_dir /tmp/vlmA \
+    --steps "$PSTEPS" --time_limit_s "$PLIMIT" --stop_at_unix $((T0 + CALL_LIMIT - 75)) ${PARGS:-} \
+    > "$S/pretrain.log" 2>&1
+  mark "pretraining rc=$?"
   cp /tmp/vlmA/pretrain_report.json /tmp/vlmA/curves.jsonl /tmp/vlmA/curves.png "$S/" 2>/dev/null
   python3 vla-scripts/pack_checkpoint.py pack /tmp/vlmA/base "$OUT/base" --ref /tmp/ref.pt >> "$S/pack.log" 2>&1
-  echo "base packed at $(el)s" >> "$S/timeline.txt"
+  mark "base packed"
 fi
 if [ "$RUNS" != none ]; then
   launch() {  # launch <runs> <log> [env ...]: synthetic_closed_loop_gpu.sh in its own process group, prints its pid
@@ -77,14 +85,19 @@ if [ "$RUNS" != none ]; then
       rm -f "$OUT/ck_$id".part*
       for p in "/tmp/snap_$id"/ck.part*; do mv "$p" "$OUT/ck_$id.${p##*.}"; done
       cp "$d/finetune_config.json" "$OUT/config-$id.json"; cp "$d/metrics.jsonl" "$OUT/metrics-$id.jsonl"
-      snapped[$id]=$ck; echo "snapshot of $(basename "$ck") at $(el)s" >> "$S/timeline.txt"
+      snapped[$id]=$ck; mark "snapshot of $(basename "$ck")"
     done
   }
   while running && [ "$(el)" -lt "$DEADLINE" ]; do
     sleep 5; [ "${SNAPSHOT:-0}" = 1 ] && snapshot
   done
   for p in "${pids[@]}"; do kill -- -"$p" 2>/dev/null; done
-  sleep 3; echo "arms stopped at $(el)s" >> "$S/timeline.txt"
+  sleep 3; mark "arms stopped"
+  # Anything of the arms still alive would slow a next call on the same warm machine: name it, then stop it.
+  if pgrep -f "finetune.py|synthetic_closed_loop" > /dev/null; then
+    pgrep -af "finetune.py|synthetic_closed_loop" > "$S/left_running.txt"; pkill -9 -f "finetune.py|synthetic_closed_loop"
+    mark "killed $(wc -l < "$S/left_running.txt") leftover arm processes"
+  fi
   for f in /tmp/cl/*.log; do cp "$f" "$S/arm-$(basename "$f")"; done
   for d in /tmp/cl/runs/*/; do
     id=$(basename "$d"); cp "$d/metrics.jsonl" "$S/metrics-$id.jsonl"; cp "$d/finetune_config.json" "$S/config-$id.json"
@@ -93,7 +106,7 @@ if [ "$RUNS" != none ]; then
 import glob, json, os, subprocess
 out = os.environ["OUT"]
 arms = {}
-for m in glob.glob("/tmp/small/metrics-*.jsonl"):
+for m in glob.glob(os.environ["OUT"] + "/small/metrics-*.jsonl"):
     arm = m.split("metrics-")[1].removesuffix(".jsonl")
     val = [json.loads(line) for line in open(m) if "val/l1_current_dim0" in line]
     ckpts = sorted(glob.glob(f"/tmp/cl/runs/{arm}/{arm}--*_chkpt"), key=lambda p: int(p.rsplit("--", 1)[1].split("_")[0]))
@@ -115,6 +128,6 @@ for arm, (xy, step, ckpt) in sorted(arms.items(), key=lambda kv: kv[1][0]):
         print("brought back", arm)
 PY
 fi
-echo "done at $(el)s" >> "$S/timeline.txt"
-tar czf "$OUT/small.tgz" -C /tmp small
-cat "$S/timeline.txt" "$S/select.txt" 2>/dev/null; [ -f "$S/pretrain.log" ] && grep -v "rendering" "$S/pretrain.log" | tail -3
+mark done
+cat "$S/select.txt" 2>/dev/null
+if [ -f "$S/pretrain.log" ]; then tr '\r' '\n' < "$S/pretrain.log" | grep -v "rendering\|it/s" | tail -5; fi

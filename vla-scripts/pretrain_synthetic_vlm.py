@@ -88,6 +88,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="stop the step loop after this many seconds of training (the report records the step it stopped at; "
         "the schedule is still the one for --steps, so a stopped run never reached its final learning rate)",
     )  # fmt: skip
+    p.add_argument(
+        "--stop_at_unix", type=float, default=None,
+        help="also stop the step loop at this wall-clock time (seconds since the epoch), e.g. a GPU call's hard limit "
+        "minus the final evaluation and save; recorded like --time_limit_s",
+    )  # fmt: skip
     p.add_argument("--llm_layers", type=int, default=8)
     p.add_argument("--llm_hidden_size", type=int, default=256)
     p.add_argument("--vit_embed_dims", type=int, nargs=2, default=(128, 192))
@@ -220,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for step in bar:
         if args.time_limit_s is not None and time.time() - loop_started > args.time_limit_s:
             tqdm.write(f"--time_limit_s {args.time_limit_s} reached after {step} of {args.steps} steps; stopping")
+            break
+        if args.stop_at_unix is not None and time.time() > args.stop_at_unix:
+            tqdm.write(f"--stop_at_unix {args.stop_at_unix:.0f} reached after {step} of {args.steps} steps; stopping")
             break
         rng = np.random.default_rng([args.seed, step, 0x57E9])
         index = rng.integers(args.num_scenes, size=args.batch_size)
