@@ -74,11 +74,11 @@ def test_prompts_padded_for_cuda_graphs_answer_like_unpadded_ones(encoder):
         QuestionEncoder(encoder.tokenizer, pad_to_multiple_of=0)
 
 
-def _pretrain(tmp_path, name, steps=40):
+def _pretrain(tmp_path, name, steps=40, extra=()):
     script = load_script("pretrain_synthetic_vlm")
     args = ["--output_dir", str(tmp_path / name), "--steps", str(steps), "--batch_size", "8", "--learning_rate",
             "1e-3", "--warmup_steps", "5", "--num_scenes", "48", "--num_heldout", "24", "--eval_every", "20",
-            "--device", "cpu", "--workers", "1", *SMALL]  # fmt: skip
+            "--device", "cpu", "--workers", "1", *SMALL, *extra]  # fmt: skip
     return script.main(args)
 
 
@@ -91,6 +91,13 @@ def test_pretraining_is_reproducible_learns_and_writes_a_loadable_base(tmp_path,
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0] - 1.0, losses  # gradients reach the answer (starts near ln 151936 = 11.9)
     assert [r["step"] for r in rows if "heldout" in r] == [20, 40]
+
+    # --stop_after_steps replays a run a time limit stopped: the same 20 steps of the 40-step schedule
+    stopped = _pretrain(tmp_path, "stopped", extra=["--stop_after_steps", "20"])
+    assert stopped["steps_done"] == 20
+    assert stopped["stopped_early"]
+    assert not first["stopped_early"]
+    assert stopped["heldout_accuracy"] == next(r["heldout"] for r in rows if r.get("step") == 20 and "heldout" in r)
 
     start = load_start_point(str(tmp_path / "a" / "base"), True, str(tmp_path / "a" / "base" / "hf_config"))
     assert start.vla.config.num_llm_layers == 2

@@ -89,6 +89,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "the schedule is still the one for --steps, so a stopped run never reached its final learning rate)",
     )  # fmt: skip
     p.add_argument(
+        "--stop_after_steps", type=int, default=None,
+        help="stop the step loop after this many steps, the schedule still being the one for --steps: reproduces a "
+        "run that a time limit stopped (its report's steps_done) bit for bit",
+    )  # fmt: skip
+    p.add_argument(
         "--stop_at_unix", type=float, default=None,
         help="also stop the step loop at this wall-clock time (seconds since the epoch), e.g. a GPU call's hard limit "
         "minus the final evaluation and save; recorded like --time_limit_s",
@@ -226,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.time_limit_s is not None and time.time() - loop_started > args.time_limit_s:
             tqdm.write(f"--time_limit_s {args.time_limit_s} reached after {step} of {args.steps} steps; stopping")
             break
+        if args.stop_after_steps is not None and step >= args.stop_after_steps:
+            break
         if args.stop_at_unix is not None and time.time() > args.stop_at_unix:
             tqdm.write(f"--stop_at_unix {args.stop_at_unix:.0f} reached after {step} of {args.steps} steps; stopping")
             break
@@ -273,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "embedding_sha256": weights_sha256(state, [EMBEDDING_KEY]),
         "trained_parameters": num_trainable,
         "steps_done": steps_done,
-        "stopped_by_time_limit": steps_done < args.steps,
+        "stopped_early": steps_done < args.steps,  # by --time_limit_s, --stop_at_unix or --stop_after_steps
         "train_loop_s": round(train_loop_s, 1),
         "flags": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None else list(argv),
