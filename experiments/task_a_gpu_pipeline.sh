@@ -4,9 +4,12 @@
 # the arm with the lowest held-out x/y L1 if it fits next to the base. Everything that comes back is under $OUT:
 #   base.partNN              the base VLM without its seeded embedding (vla-scripts/pack_checkpoint.py)
 #   ck_<arm>.partNN          that arm's newest checkpoint without what equals the base (and without optimizer state)
-#   small/                   timeline.txt, env.txt, logs, pretrain_report.json, curves, each arm's metrics.jsonl
-#                            and finetune_config.json: written there as the call goes, so a call cut short by its
-#                            limit still returns them (the timeline is also printed as it happens)
+#   small.tgz                env.txt, logs, pretrain_report.json, curves, each arm's metrics.jsonl and
+#                            finetune_config.json (packed at the end: at most 8 files come back from a call)
+#   timeline.txt, pretrain.log   written as the call goes, so a call cut short by its limit still returns them
+#                            (the timeline is also printed as it happens)
+# Scratch of an earlier call on the same warm machine (/tmp/vlmA, /tmp/cl, /tmp/small, /tmp/pk_*, /tmp/snap_*) is
+# removed first: those paths belong to this script.
 # Unpack on the CPU machine (same paths as on the GPU, since a LoRA checkpoint names its base):
 #   python vla-scripts/pack_checkpoint.py seeded-embedding /tmp/ref.pt
 #   python vla-scripts/pack_checkpoint.py unpack <files>/base /tmp/vlmA/base --ref /tmp/ref.pt
@@ -20,14 +23,17 @@
 # TINY_RUNS="<same format as RUNS>" also runs arms from the tiny random base (make_tiny_checkpoint.py, its pos
 # field picks random|sincos tables) next to them, stopped at the same DEADLINE and selected with them (their run
 # ids must differ from RUNS'; the tiny base is deterministic, so regenerate it on the CPU machine to unpack).
-# SNAPSHOT=1 packs each new checkpoint into $OUT while the arm runs (one arm: a cut-short call still returns one).
+# SNAPSHOT=1 packs each new checkpoint into $OUT while the arm runs (one arm: a cut-short call still returns one;
+# not with pretraining in the same call: 9 files, over the 8 that come back).
 # FINETUNE_FLAGS (e.g. "--compile True --compile_mode reduce-overhead") reaches every arm's finetune.py.
 # PLIMIT: seconds of pretraining steps (--time_limit_s); DEADLINE: seconds after start at which the arms are
-# stopped (their newest checkpoint is used). CALL_LIMIT (default 590): the call's own limit in seconds; the
-# pretraining loop also stops 75 s before it (--stop_at_unix), leaving time for its final evaluation, save and pack
-# (a 16,000-step pretraining call on a warm machine, 2026-12-06, ran into the call's limit and returned nothing). Draccus and its pure-Python deps come from .whl/*.whl when the image
-# lacks them (tools/device README). A scene-rendering pool with torch's default threads ran 250x slower on a
-# 16-core H100 host (2026-12-06); the script now pins one thread per worker.
+# stopped (their newest checkpoint is used). CALL_LIMIT (default 590): the call's own limit in seconds, counted
+# from this script's start; the pretraining loop also stops 75 s before it (--stop_at_unix), leaving time for its
+# final evaluation, save and pack (a 16,000-step pretraining call on a warm machine, 2026-12-06, ran into the
+# call's limit and returned nothing). The exit status is 0 only if pretraining and packing succeeded.
+# Draccus and its pure-Python deps come from .whl/*.whl when the image lacks them (tools/device README). A
+# scene-rendering pool with torch's default threads ran 250x slower on a 16-core H100 host (2026-12-06); the
+# script now pins one thread per worker.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
@@ -37,9 +43,10 @@ if ! python3 -c "import draccus" 2>/dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-S="$OUT/small"; mkdir -p "$S"
-mark() { echo "$* at $(el)s" | tee -a "$S/timeline.txt"; }  # progress, kept and shown as it happens
-CALL_LIMIT=${CALL_LIMIT:-590}
+rm -rf /tmp/vlmA /tmp/cl /tmp/small /tmp/pk_* /tmp/snap_*
+S=/tmp/small; mkdir -p "$S" "$OUT"
+mark() { echo "$* at $(el)s" | tee -a "$OUT/timeline.txt"; }  # progress, kept and shown as it happens
+CALL_LIMIT=${CALL_LIMIT:-590}; fail=0
 { date -u; nvidia-smi -L; git rev-parse HEAD; python3 -c "import torch; print(torch.__version__)"; nproc; uptime
   echo "python processes already running: $(pgrep -c python || true)"; } > "$S/env.txt" 2>&1
 python3 vla-scripts/pack_checkpoint.py seeded-embedding /tmp/ref.pt ${REFARGS:-} >> "$S/pack.log" 2>&1
@@ -49,13 +56,14 @@ if [ -n "${BASE_PACK:-}" ]; then
   mark "base unpacked from $BASE_PACK"
 else
   mark "pretraining starts"
-  timeout $((CALL_LIMIT - $(el) - 20)) python3 vla-scripts/pretrain_synthetic_vlm.py --output_dir /tmp/vlmA \
+  left=$((CALL_LIMIT - $(el) - 20)); [ "$left" -ge 1 ] || left=1  # timeout 0 would mean no limit at all
+  timeout "$left" python3 vla-scripts/pretrain_synthetic_vlm.py --output_dir /tmp/vlmA \
     --steps "$PSTEPS" --time_limit_s "$PLIMIT" --stop_at_unix $((T0 + CALL_LIMIT - 75)) ${PARGS:-} \
-    > "$S/pretrain.log" 2>&1
-  mark "pretraining rc=$?"
+    > "$OUT/pretrain.log" 2>&1
+  rc=$?; mark "pretraining rc=$rc"; [ "$rc" = 0 ] || fail=1
   cp /tmp/vlmA/pretrain_report.json /tmp/vlmA/curves.jsonl /tmp/vlmA/curves.png "$S/" 2>/dev/null
-  python3 vla-scripts/pack_checkpoint.py pack /tmp/vlmA/base "$OUT/base" --ref /tmp/ref.pt >> "$S/pack.log" 2>&1
-  mark "base packed"
+  if python3 vla-scripts/pack_checkpoint.py pack /tmp/vlmA/base "$OUT/base" --ref /tmp/ref.pt >> "$S/pack.log" 2>&1
+  then mark "base packed"; else mark "packing the base failed: $(tail -1 "$S/pack.log")"; fail=1; fi
 fi
 if [ "$RUNS" != none ]; then
   launch() {  # launch <runs> <log> [env ...]: synthetic_closed_loop_gpu.sh in its own process group, prints its pid
@@ -93,11 +101,12 @@ if [ "$RUNS" != none ]; then
   done
   for p in "${pids[@]}"; do kill -- -"$p" 2>/dev/null; done
   sleep 3; mark "arms stopped"
-  # Anything of the arms still alive would slow a next call on the same warm machine: name it, then stop it.
-  if pgrep -f "finetune.py|synthetic_closed_loop" > /dev/null; then
-    pgrep -af "finetune.py|synthetic_closed_loop" > "$S/left_running.txt"; pkill -9 -f "finetune.py|synthetic_closed_loop"
-    mark "killed $(wc -l < "$S/left_running.txt") leftover arm processes"
-  fi
+  # Anything of the arms' process groups still alive would slow a next call on the same machine: name it, stop it.
+  for p in "${pids[@]}"; do
+    if pgrep -a -g "$p" >> "$S/left_running.txt"; then  # -g: the process group setsid gave the arms
+      kill -9 -- -"$p" 2>/dev/null; mark "killed what was left of arm group $p (left_running.txt)"
+    fi
+  done
   for f in /tmp/cl/*.log; do cp "$f" "$S/arm-$(basename "$f")"; done
   for d in /tmp/cl/runs/*/; do
     id=$(basename "$d"); cp "$d/metrics.jsonl" "$S/metrics-$id.jsonl"; cp "$d/finetune_config.json" "$S/config-$id.json"
@@ -106,8 +115,8 @@ if [ "$RUNS" != none ]; then
 import glob, json, os, subprocess
 out = os.environ["OUT"]
 arms = {}
-for m in glob.glob(os.environ["OUT"] + "/small/metrics-*.jsonl"):
-    arm = m.split("metrics-")[1].removesuffix(".jsonl")
+for m in glob.glob("/tmp/small/metrics-*.jsonl"):
+    arm = os.path.basename(m).removeprefix("metrics-").removesuffix(".jsonl")
     val = [json.loads(line) for line in open(m) if "val/l1_current_dim0" in line]
     ckpts = sorted(glob.glob(f"/tmp/cl/runs/{arm}/{arm}--*_chkpt"), key=lambda p: int(p.rsplit("--", 1)[1].split("_")[0]))
     if ckpts:  # an arm without a validation row still comes back (last in line)
@@ -129,5 +138,7 @@ for arm, (xy, step, ckpt) in sorted(arms.items(), key=lambda kv: kv[1][0]):
 PY
 fi
 mark done
+tar czf "$OUT/small.tgz" -C /tmp small
 cat "$S/select.txt" 2>/dev/null
-if [ -f "$S/pretrain.log" ]; then tr '\r' '\n' < "$S/pretrain.log" | grep -v "rendering\|it/s" | tail -5; fi
+if [ -f "$OUT/pretrain.log" ]; then tr '\r' '\n' < "$OUT/pretrain.log" | grep -v "rendering\|it/s" | tail -5; fi
+exit "$fail"
