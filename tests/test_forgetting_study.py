@@ -161,6 +161,8 @@ def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: P
     )
     assert set(closed) == {"plain--s0", "frozen--s0"}
     assert all(c["episodes"] == 1 and c["success"] in (0.0, 1.0) for c in closed.values())
+    identity = json.loads((tmp_path / "eval" / "plain--s0-h1" / "run_identity.json").read_text())
+    assert identity["num_open_loop_steps"] == closed["plain--s0"]["open_loop_steps"] == 1  # the study's default
     result = study.cmd_analyze(study.parse_args(["analyze", *common]))
     assert set(result["arms"]) == {"plain", "frozen"}
     assert result["arms"]["plain"]["success"] == closed["plain--s0"]["success"]
