@@ -108,7 +108,10 @@ def script_env() -> dict[str, str]:
 def run_script(script: Path, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     """Run one of the repo's scripts in a process of its own (a warm interpreter, ``script_env()``); raise with
     its output on failure."""
-    proc = WARM_INTERPRETERS.run(script, [str(a) for a in args], script_env(), timeout)
+    return _succeeded(script, WARM_INTERPRETERS.run(script, [str(a) for a in args], script_env(), timeout))
+
+
+def _succeeded(script: Path, proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         raise AssertionError(f"{script.name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
@@ -123,9 +126,7 @@ def run_finetune(args: list[str], nproc: int = 1, timeout: int = 600) -> subproc
         f"--master-port={free_port()}", str(FINETUNE), *args,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"finetune failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return proc
+    return _succeeded(FINETUNE, proc)
 
 
 def tiny_args(base_dir: Path, run_root: Path, **overrides: object) -> list[str]:

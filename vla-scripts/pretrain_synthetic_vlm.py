@@ -91,7 +91,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--stop_after_steps", type=int, default=None,
         help="stop the step loop after this many steps, the schedule still being the one for --steps: reproduces a "
-        "run that a time limit stopped (its report's steps_done) bit for bit",
+        "run that a time limit stopped (its report's steps_done) bit for bit on the same machine and flags",
     )  # fmt: skip
     p.add_argument(
         "--stop_at_unix", type=float, default=None,
@@ -111,7 +111,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "causal attention of right-padded prompts); reduce-overhead also replays CUDA graphs, with prompts padded "
         "to a multiple of 64 positions. Changes how the steps compute (the weights' bits), not what",
     )  # fmt: skip
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.stop_after_steps is not None and args.stop_after_steps < 1:
+        p.error(f"--stop_after_steps must be >= 1, got {args.stop_after_steps}")
+    return args
 
 
 def weights_sha256(state: dict[str, torch.Tensor], keys: Sequence[str] | None = None) -> str:
@@ -121,6 +124,18 @@ def weights_sha256(state: dict[str, torch.Tensor], keys: Sequence[str] | None = 
         digest.update(key.encode())
         digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def stop_reason(args: argparse.Namespace, step: int, loop_started: float) -> str | None:
+    """The flag that ends the step loop before ``step``, if any (the schedule stays the one for --steps)."""
+    now = time.time()
+    if args.time_limit_s is not None and now - loop_started > args.time_limit_s:
+        return f"--time_limit_s {args.time_limit_s}"
+    if args.stop_after_steps is not None and step >= args.stop_after_steps:
+        return f"--stop_after_steps {args.stop_after_steps}"
+    if args.stop_at_unix is not None and now > args.stop_at_unix:
+        return f"--stop_at_unix {args.stop_at_unix:.0f}"
+    return None
 
 
 def _commit() -> str:
@@ -228,13 +243,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     loop_started = time.time()
     steps_done = 0
     for step in bar:
-        if args.time_limit_s is not None and time.time() - loop_started > args.time_limit_s:
-            tqdm.write(f"--time_limit_s {args.time_limit_s} reached after {step} of {args.steps} steps; stopping")
-            break
-        if args.stop_after_steps is not None and step >= args.stop_after_steps:
-            break
-        if args.stop_at_unix is not None and time.time() > args.stop_at_unix:
-            tqdm.write(f"--stop_at_unix {args.stop_at_unix:.0f} reached after {step} of {args.steps} steps; stopping")
+        reason = stop_reason(args, step, loop_started)
+        if reason is not None:
+            tqdm.write(f"{reason} reached after {step} of {args.steps} steps; stopping")
             break
         rng = np.random.default_rng([args.seed, step, 0x57E9])
         index = rng.integers(args.num_scenes, size=args.batch_size)
