@@ -112,12 +112,15 @@ def test_outcomes_do_not_depend_on_workers_or_interruption(synthetic_release: Pa
     a, b = EpisodeLog(reference / "episodes.jsonl").read(), log.read()
     for key in a:
         np.testing.assert_allclose(a[key]["final_eef_pos"], b[key]["final_eef_pos"], atol=1e-4, err_msg=str(key))
+        np.testing.assert_allclose(a[key]["expert_abs_error"], b[key]["expert_abs_error"], atol=1e-4)
     assert {r["worker"] for r in b.values()} == {0, 1}
     total_b = json.loads((resumed / "summary.json").read_text())["results"]["total"]
     total = summary["results"]["total"]
     assert [total_b[k] for k in ("episodes", "successes", "ci95")] == [
         total[k] for k in ("episodes", "successes", "ci95")
     ]
+    per_episode = np.array([r["expert_abs_error"] for r in a.values()], dtype=np.float64)  # [episodes, 7]
+    np.testing.assert_allclose(total["expert_abs_error"], per_episode.mean(axis=0), rtol=1e-12)
 
 
 def test_a_run_dir_of_another_configuration_is_refused(synthetic_release: Path, tmp_path: Path) -> None:
@@ -145,4 +148,5 @@ def test_summary_video_and_upstream_log_names(synthetic_release: Path, tmp_path:
     markdown = (run_dir / "summary.md").read_text()
     assert "| 6 | lift the blue block |" in markdown
     assert "95% CI" in markdown
+    assert "deviation from the expert's action" in markdown  # the synthetic env has an expert to compare with
     assert len(list(run_dir.glob("EVAL-synthetic-openvla-*--note.txt"))) == 1

@@ -280,7 +280,8 @@ def test_scheduler_keeps_workers_on_their_task_and_hands_out_everything_once() -
 def test_synthetic_env_expert_succeeds_and_observations_are_the_data_frames() -> None:
     """The expert that wrote the training data solves the evaluation episodes (held-out scenes) well within the
     synthetic horizon; the env's LIBERO-style observation, through the eval's proprio path and rotation, gives back
-    the stored state and the upright frames."""
+    the stored state and the upright frames; its noise-free ``reference_action`` is the expert's action less the
+    rotation noise (replayed from a copy of the rng) and draws nothing."""
     from experiments.robot.libero.suites import TASK_MAX_STEPS, SyntheticSuite
 
     suite = SyntheticSuite()
@@ -293,7 +294,15 @@ def test_synthetic_env_expert_succeeds_and_observations_are_the_data_frames() ->
             for step in range(TASK_MAX_STEPS["synthetic"]):
                 np.testing.assert_allclose(libero_proprio(obs), env.frame["state"], atol=1e-9)
                 np.testing.assert_array_equal(rotate_180(obs["agentview_image"]), env.frame["image"])
-                obs, reward, done, _ = env.step(env.expert_action())
+                state = env.rng.bit_generator.state
+                reference = env.reference_action()  # what the closed-loop deviation is measured against
+                assert env.rng.bit_generator.state == state  # draws nothing: the episode is not changed by it
+                replay = np.random.default_rng()
+                replay.bit_generator.state = state
+                action = env.expert_action()  # = the reference plus the rotation noise the rng draws next
+                noise = np.concatenate([np.zeros(3), replay.normal(0.0, env.spec.rotation_noise_std, 3), [0.0]])
+                np.testing.assert_array_equal(action, reference + noise)
+                obs, reward, done, _ = env.step(action)
                 assert done == env.check_success()
                 assert reward == float(done)
                 if done:

@@ -160,13 +160,38 @@ def test_bad_start_point_is_a_clear_error(tmp_path: Path) -> None:
         run_finetune(tiny_args(tmp_path / "nowhere", tmp_path, max_steps=1), timeout=120)
 
 
+def _best_constant_rotation_deviation() -> float:
+    """Summed over the three rotation dimensions: the mean absolute deviation from the synthetic expert of the best
+    constant rotation (the per-dimension median over the suite's tasks). The expert's rotation depends only on the
+    target colour, so this holds at every step of every episode of the suite."""
+    from experiments.robot.libero.suites import load_suite
+
+    suite = load_suite("synthetic")
+    rotations = []
+    for task in suite.tasks():
+        env = suite.make_env(task.task_id, 256)
+        suite.start_episode(env, task.task_id, 0)
+        rotations.append(env.reference_action()[3:6])
+    rotations = np.asarray(rotations, dtype=np.float64)
+    return float(np.abs(rotations - np.median(rotations, axis=0)).mean(axis=0).sum())
+
+
 @pytest.mark.slow
-def test_loss_falls_on_synthetic_rlds(tiny_base: Path, tmp_path: Path) -> None:
+def test_loss_falls_on_synthetic_rlds_and_shows_in_closed_loop(tiny_base: Path, tmp_path: Path) -> None:
     """A real learning check on the RLDS path: the action L1 must fall well below its starting level.
 
     On this data the best constant predictor (the per-dimension median) has an L1 of ~0.29 and the model
     starts near 0.5; measured: ~0.17 after 120 steps, i.e. the policy reads the images and the instruction.
+
+    Then the same checkpoint in closed loop (the evaluation's synthetic suite, 8 episodes): issue 12's weaker CI
+    bound. At this size the policy does not succeed (0/8 measured; it closes the gripper at once and lifts), so the
+    check is on what it did learn, the instruction's rotation: its executed rotation actions must deviate from the
+    expert's by less than half of what the best constant rotation does (measured 0.026 against 0.062). A wrong
+    instruction, statistics key or action order on the evaluation side fails it. The success bound (>= 50% over
+    48 episodes) needs a GPU-trained policy: the README's closed-loop commands.
     """
+    from experiments.robot.libero.run_libero_eval import GenerateConfig, evaluate
+
     make = load_script("make_synthetic_rlds")
     data_root = tmp_path / "rlds"
     make.main(["--data_root_dir", str(data_root), "--dataset_name", "synthetic_libero", "--num_episodes", "8",
@@ -192,6 +217,26 @@ def test_loss_falls_on_synthetic_rlds(tiny_base: Path, tmp_path: Path) -> None:
     assert last < 0.5 * first, f"loss did not fall clearly: first10={first:.4f} last10={last:.4f}"
     assert last < 0.25, f"loss {last:.4f} is not below the best constant predictor's (~0.29)"
     shutil.rmtree(data_root)
+
+    closed_loop = tmp_path / "closed_loop"
+    evaluate(
+        GenerateConfig(
+            pretrained_checkpoint=str(tmp_path / "run" / "run--120_chkpt"),
+            task_suite_name="synthetic",
+            unnorm_key="synthetic_libero",
+            num_trials_per_task=1,
+            center_crop=False,
+            num_workers=1,
+            device="cpu",
+            save_videos="none",
+            run_dir=str(closed_loop),
+            local_log_dir=str(tmp_path),
+        )
+    )
+    total = json.loads((closed_loop / "summary.json").read_text())["results"]["total"]
+    assert (total["episodes"], total["errors"]) == (8, 0)
+    rotation, constant = sum(total["expert_abs_error"][3:6]), _best_constant_rotation_deviation()
+    assert rotation < 0.5 * constant, f"closed-loop rotation deviation {rotation:.4f} vs best constant {constant:.4f}"
 
 
 def test_offline_merge_tool_makes_a_release_dir(reference_run: Path, tiny_base: Path, tmp_path: Path) -> None:

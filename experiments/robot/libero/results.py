@@ -105,6 +105,9 @@ def summarize(
     total = _rate(sum(bool(r["success"]) for r in chosen), len(chosen))
     total["errors"] = sum(1 for r in chosen if r.get("error"))
     total["episode_seconds"] = sum(float(r.get("wall_s", 0.0)) for r in chosen)
+    deviations = [r["expert_abs_error"] for r in chosen if r.get("expert_abs_error")]
+    if deviations:  # synthetic suite: mean over episodes of each one's mean |action - expert's| per dimension
+        total["expert_abs_error"] = [sum(col) / len(col) for col in zip(*deviations)]
     return {"per_task": per_task, "total": total}
 
 
@@ -126,6 +129,11 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         f"- wall time of this invocation: {meta['wall_s']:.0f} s; summed episode time: "
         f"{total['episode_seconds']:.0f} s;"
         f" episodes with an error: {total['errors']}",
+    ]
+    if "expert_abs_error" in total:
+        per_dim = ", ".join(f"{v:.3f}" for v in total["expert_abs_error"])
+        lines.append(f"- mean absolute deviation from the expert's action (xyz, rotation, gripper): {per_dim}")
+    lines += [
         "",
         "| task | description | success | 95% CI | episodes | mean steps | errors |",
         "|---:|---|---:|---|---:|---:|---:|",

@@ -118,8 +118,10 @@ class Worker:
         result: dict[str, Any] = {"type": "result", "task_id": task_id, "episode": episode, "success": False}
         start = time.perf_counter()
         step, queries, frames, error = 0, 0, [], None
+        deviations: list[np.ndarray] = []  # |action - expert's|, per policy step, where the env has an expert
         try:
             env = self.env_for(suite, task_id, int(request["env_img_res"]))
+            reference = getattr(env, "reference_action", None)  # the synthetic task's noise-free expert
             obs = suite.start_episode(env, task_id, episode)
             result["setup_s"] = time.perf_counter() - start
             queue: list[np.ndarray] = []
@@ -133,6 +135,8 @@ class Worker:
                     queue = self.query(obs, step)
                     queries += 1
                 action = queue.pop(0)
+                if reference is not None:
+                    deviations.append(np.abs(action - reference()))
                 obs, _, done, _ = env.step(action.tolist())
                 if done:
                     result["success"] = True
@@ -147,6 +151,8 @@ class Worker:
         result.update(steps=step, queries=queries, error=error, wall_s=time.perf_counter() - start)
         if error is None:  # where the arm ended: lets reruns be compared beyond success and step count
             result["final_eef_pos"] = [float(v) for v in obs["robot0_eef_pos"]]
+        if deviations:  # closed-loop imitation error per action dimension (environment convention)
+            result["expert_abs_error"] = [float(v) for v in np.mean(deviations, axis=0)]
         video = request.get("video")
         if video and frames and (video["policy"] == "all" or (video["policy"] == "failures" and not result["success"])):
             path = Path(video["path_pattern"].format(success=result["success"]))

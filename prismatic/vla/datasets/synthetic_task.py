@@ -235,10 +235,19 @@ class PickLiftEnv:
         return scene.grasped and scene.height >= self.LIFT_SUCCESS_HEIGHT
 
     def expert_action(self) -> np.ndarray:
-        """The scripted policy that produced the training data (draws its rotation noise from the episode rng).
+        """The scripted policy that produced the training data: ``reference_action`` plus rotation noise drawn
+        from the episode rng (N(0, rotation_noise_std) on the three rotation dimensions)."""
+        action = self.reference_action()
+        action[3:6] += self._require_rng().normal(0.0, self.spec.rotation_noise_std, size=3)
+        return action
+
+    def reference_action(self) -> np.ndarray:
+        """The expert's action for the current scene without its noise; draws nothing from the rng, so the
+        closed-loop evaluation can compare a policy's actions with it without changing the episode.
 
         approach: xy = clip(gain * (target - gripper)), z = clip(gain * (0 - height)), gripper open; once within
         grasp_radius of the target at table height: close and lift (+lift_action); above hold_height: hold still.
+        Rotation: a constant per target colour, readable from the instruction.
         """
         spec, scene = self.spec, self._require_scene()
         will_hold = scene.grasped or (
@@ -252,7 +261,6 @@ class PickLiftEnv:
         else:
             xyz, grip = np.zeros(3), spec.gripper_close_raw
         d_rot = 0.1 * scene.base_rot[2:3].repeat(3) * np.array([1.0, -1.0, 0.5])
-        d_rot = d_rot + self._require_rng().normal(0.0, spec.rotation_noise_std, size=3)
         return np.concatenate([xyz, d_rot, [grip]])
 
     # ---------------------------------------------------------------------------------------- observation --
