@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,17 @@ def test_the_next_test_finds_a_warm_interpreter(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/another.py::test_next (call)")
     assert WARM_INTERPRETERS.run(script, [], script_env(), timeout=120).returncode == 0
     assert WARM_INTERPRETERS.cold_starts == before
+
+
+def test_a_run_past_its_timeout_is_killed_and_the_next_run_works(tmp_path: Path) -> None:
+    """As ``subprocess.run(..., timeout=)``: TimeoutExpired, the process killed (not waited for: the 60 s sleep
+    would hold the test), and the next run gets a working interpreter."""
+    sleeper, probe = tmp_path / "sleeper.py", tmp_path / "ok.py"
+    sleeper.write_text("import time\ntime.sleep(60)\n")
+    probe.write_text("print('ok')\n")
+    start = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        WARM_INTERPRETERS.run(sleeper, [], script_env(), timeout=3)
+    assert time.monotonic() - start < 30
+    after = WARM_INTERPRETERS.run(probe, [], script_env(), timeout=120)
+    assert (after.returncode, after.stdout) == (0, "ok\n")
