@@ -46,7 +46,8 @@ def test_the_next_test_finds_a_warm_interpreter(tmp_path: Path, monkeypatch: pyt
 
 def test_a_run_past_its_timeout_is_killed_and_the_next_run_works(tmp_path: Path) -> None:
     """As ``subprocess.run(..., timeout=)``: TimeoutExpired, the process killed (not waited for: the 60 s sleep
-    would hold the test), and the next run gets a working interpreter."""
+    would hold the test), and the next run gets a working interpreter. As with a plain subprocess, the limit also
+    covers the interpreter's start (here possibly its imports, if it is not warm yet)."""
     sleeper, probe = tmp_path / "sleeper.py", tmp_path / "ok.py"
     sleeper.write_text("import time\ntime.sleep(60)\n")
     probe.write_text("print('ok')\n")

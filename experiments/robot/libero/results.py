@@ -108,6 +108,7 @@ def summarize(
     deviations = [r["expert_abs_error"] for r in chosen if r.get("expert_abs_error")]
     if deviations:  # synthetic suite: mean over episodes of each one's mean |action - expert's| per dimension
         total["expert_abs_error"] = [sum(col) / len(col) for col in zip(*deviations)]
+        total["expert_abs_error_episodes"] = len(deviations)
     return {"per_task": per_task, "total": total}
 
 
@@ -132,7 +133,10 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     ]
     if "expert_abs_error" in total:
         per_dim = ", ".join(f"{v:.3f}" for v in total["expert_abs_error"])
-        lines.append(f"- mean absolute deviation from the expert's action (xyz, rotation, gripper): {per_dim}")
+        lines.append(
+            f"- mean absolute deviation from the expert's action (xyz, rotation, gripper): {per_dim} "
+            f"(over {total['expert_abs_error_episodes']} episodes)"
+        )
     lines += [
         "",
         "| task | description | success | 95% CI | episodes | mean steps | errors |",

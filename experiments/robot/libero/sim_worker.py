@@ -151,7 +151,7 @@ class Worker:
         result.update(steps=step, queries=queries, error=error, wall_s=time.perf_counter() - start)
         if error is None:  # where the arm ended: lets reruns be compared beyond success and step count
             result["final_eef_pos"] = [float(v) for v in obs["robot0_eef_pos"]]
-        if deviations:  # closed-loop imitation error per action dimension (environment convention)
+        if deviations and error is None:  # closed-loop imitation error per action dimension (env convention)
             result["expert_abs_error"] = [float(v) for v in np.mean(deviations, axis=0)]
         video = request.get("video")
         if video and frames and (video["policy"] == "all" or (video["policy"] == "failures" and not result["success"])):
