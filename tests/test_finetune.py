@@ -186,10 +186,10 @@ def test_loss_falls_on_synthetic_rlds_and_shows_in_closed_loop(tiny_base: Path, 
     Then the same checkpoint in closed loop (the evaluation's synthetic suite, 8 episodes): issue 12's weaker CI
     bound. At this size the policy does not succeed (0/8 measured; it closes the gripper at once and lifts), so the
     check is on what it did learn, the instruction's rotation: its commanded rotation actions must deviate from the
-    expert's by less than 0.75x what the best constant rotation does (measured 0.026 against 0.0625; untrained tiny
-    policies 0.07-0.09; the bound was set after the measurement). A wrong instruction, statistics key or action
-    dimension order on the evaluation side fails it. The success bound (>= 50% over
-    48 episodes) needs a GPU-trained policy: the README's closed-loop commands.
+    expert's by less than 0.75x what the best constant rotation does (measured 0.026 against 0.0625; two random
+    untrained tiny policies 0.07-0.09; the bound was set after the measurement). A wrong instruction, statistics key
+    or action dimension order on the evaluation side fails it. The success bound (>= 50% over 48 episodes) needs a
+    GPU-trained policy: the README's closed-loop commands.
     """
     from experiments.robot.libero.run_libero_eval import GenerateConfig, evaluate
 
