@@ -18,6 +18,8 @@
 #
 #   OUT=... PLIMIT=200 PSTEPS=4000 RUNS="L:5e-4:64:2000:2:random:1" EPISODES=400 SAVE_EVERY=400 VAL_FREQ=200 \
 #     DEADLINE=540 bash experiments/task_a_gpu_pipeline.sh       # RUNS=none: pretraining only
+# INIT_PACK=<prefix> pretrains from an earlier call's base.partNN (carried in; --init_from) instead of from the
+# seeded random weights: PARGS gives the second schedule (--first_step, --learning_rate, --warmup_steps).
 # BASE_PACK=<prefix> skips pretraining: the base comes from an earlier call's base.partNN (carried in), and only
 # arms come back (as many as fit, best held-out x/y L1 first).
 # TINY_RUNS="<same format as RUNS>" also runs arms from the tiny random base (make_tiny_checkpoint.py, its pos
@@ -55,6 +57,12 @@ if [ -n "${BASE_PACK:-}" ]; then
     || { mark "unpacking $BASE_PACK failed: $(tail -1 "$S/pack.log")"; exit 1; }
   mark "base unpacked from $BASE_PACK"
 else
+  if [ -n "${INIT_PACK:-}" ]; then  # continue pretraining from an earlier call's base (PARGS sets --first_step)
+    rm -rf /tmp/vlmI
+    python3 vla-scripts/pack_checkpoint.py unpack "$INIT_PACK" /tmp/vlmI/base --ref /tmp/ref.pt >> "$S/pack.log" 2>&1 \
+      || { mark "unpacking $INIT_PACK failed: $(tail -1 "$S/pack.log")"; exit 1; }
+    PARGS="${PARGS:-} --init_from /tmp/vlmI/base"; mark "start point unpacked from $INIT_PACK"
+  fi
   mark "pretraining starts"
   left=$((CALL_LIMIT - $(el) - 20)); [ "$left" -ge 1 ] || left=1  # timeout 0 would mean no limit at all
   timeout "$left" python3 vla-scripts/pretrain_synthetic_vlm.py --output_dir /tmp/vlmA \

@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import load_script
 
-from prismatic.models.checkpoints import ACTION_QUERIES_KEY
+from prismatic.models.checkpoints import ACTION_QUERIES_KEY, CheckpointError
 from prismatic.training.model_setup import load_start_point
 from prismatic.training.vqa import QuestionEncoder, answer_logits, evaluate_answers, vlm_pixels
 from prismatic.vla.datasets.synthetic_vqa import make_example
@@ -119,3 +119,14 @@ def test_pretraining_is_reproducible_learns_and_writes_a_loadable_base(tmp_path,
 
     with pytest.raises(SystemExit, match="not empty"):
         _pretrain(tmp_path, "a")  # never overwrites a finished run
+
+    # --init_from continues from a base: zero steps of a second schedule give back the same weights and answers
+    base = str(tmp_path / "a" / "base")
+    resumed = _pretrain(tmp_path, "resumed", steps=0, extra=["--init_from", base, "--first_step", "40"])
+    assert resumed["init_from"]["weights_sha256"] == first["weights_sha256"] == resumed["weights_sha256"]
+    assert resumed["heldout_accuracy"] == first["heldout_accuracy"]
+    assert first["init_from"] is None
+    with pytest.raises(CheckpointError, match="shape mismatches .*language_model"):  # a size flag that differs, by name
+        _pretrain(tmp_path, "wider", steps=0, extra=["--init_from", base, "--llm_hidden_size", "96"])
+    with pytest.raises(SystemExit):
+        _pretrain(tmp_path, "nowhere", steps=0, extra=["--init_from", str(tmp_path / "a")])  # not a base/ folder

@@ -3,6 +3,8 @@
     python vla-scripts/pretrain_synthetic_vlm.py --output_dir runs/vlm-a --device cuda          # the study's model
     python vla-scripts/pretrain_synthetic_vlm.py --output_dir /tmp/vlm --llm_layers 2 --llm_hidden_size 64 \
         --vit_embed_dims 32 48 --vit_depth 2 --steps 30 --num_scenes 64 --num_heldout 32 --device cpu  # smoke
+    python vla-scripts/pretrain_synthetic_vlm.py --output_dir runs/vlm-a2 --init_from runs/vlm-a/base \
+        --first_step 10000 --steps 8000 --learning_rate 3e-4 --warmup_steps 200   # a second schedule from a base
 
 Writes under ``--output_dir`` (refuses a non-empty one):
   base/                  Prismatic base-VLM run dir; fine-tune it with finetune.py --use_minivlm True
@@ -50,7 +52,11 @@ sys.path.insert(0, str(REPO_ROOT / "vla-scripts"))
 from make_tiny_checkpoint import build_tiny_policy  # noqa: E402
 
 from prismatic.extern.hf.processing_prismatic import normalize_uint8_images  # noqa: E402
-from prismatic.models.checkpoints import ACTION_QUERIES_KEY, write_prismatic_base_checkpoint  # noqa: E402
+from prismatic.models.checkpoints import (  # noqa: E402
+    ACTION_QUERIES_KEY,
+    load_prismatic_base_checkpoint,
+    write_prismatic_base_checkpoint,
+)
 from prismatic.training.compilation import COMPILE_MODES, CUDA_GRAPH_LENGTH_MULTIPLE, uses_cuda_graphs  # noqa: E402
 from prismatic.training.preparation import SpeedOptions, prepare_policy  # noqa: E402
 from prismatic.training.trainer import PolicyModules  # noqa: E402
@@ -98,6 +104,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also stop the step loop at this wall-clock time (seconds since the epoch), e.g. a GPU call's hard limit "
         "minus the final evaluation and save; recorded like --time_limit_s",
     )  # fmt: skip
+    p.add_argument(
+        "--init_from", type=Path, default=None,
+        help="continue from an earlier run's base/ (same size flags; loaded strictly) with a fresh optimizer and "
+        "this run's own warm-up and cosine schedule; the report records the loaded weights' sha256",
+    )  # fmt: skip
+    p.add_argument(
+        "--first_step", type=int, default=0,
+        help="index of the first step in the question stream (each step's questions come from (seed, step)): with "
+        "--init_from, the earlier run's steps_done, so its questions continue instead of repeating",
+    )  # fmt: skip
     p.add_argument("--llm_layers", type=int, default=8)
     p.add_argument("--llm_hidden_size", type=int, default=256)
     p.add_argument("--vit_embed_dims", type=int, nargs=2, default=(128, 192))
@@ -114,6 +130,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         p.error(f"--stop_after_steps must be >= 1, got {args.stop_after_steps}")
+    if args.first_step < 0:
+        p.error(f"--first_step must be >= 0, got {args.first_step}")
+    if args.init_from is not None and not (args.init_from / "checkpoints").is_dir():
+        p.error(f"--init_from {args.init_from} has no checkpoints/ folder (expected an earlier run's base/)")
     return args
 
 
@@ -201,6 +221,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         llm_layers=args.llm_layers,
         vit_depth=args.vit_depth,
     ).vla
+    init = None
+    if args.init_from is not None:  # shapes are checked key by key: a different size flag fails here, by name
+        load_prismatic_base_checkpoint(vla, args.init_from)
+        loaded = vla.state_dict()
+        init = {
+            "path": str(args.init_from),
+            "weights_sha256": weights_sha256(loaded, [k for k in loaded if k != ACTION_QUERIES_KEY]),
+        }
+        print(f"continuing from {args.init_from} (weights sha256 {init['weights_sha256'][:12]}...)")
     vla.to(device).train()
     vla.get_input_embeddings().weight.requires_grad_(False)  # tied to the LM head; see the module docstring
     trainable = [(n, p) for n, p in vla.named_parameters() if p.requires_grad]
@@ -247,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if reason is not None:
             tqdm.write(f"{reason} reached after {step} of {args.steps} steps; stopping")
             break
-        rng = np.random.default_rng([args.seed, step, 0x57E9])
+        rng = np.random.default_rng([args.seed, args.first_step + step, 0x57E9])
         index = rng.integers(args.num_scenes, size=args.batch_size)
         qas = [draw_question(objects[i], rng) for i in index]
         batch = encoder([q for q, _, _ in qas], [a for _, a, _ in qas]).to(device)
@@ -289,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         # over what the base format holds (the action queries are not part of it; fine-tuning draws them)
         "weights_sha256": weights_sha256(state, [k for k in state if k != ACTION_QUERIES_KEY]),
         "embedding_sha256": weights_sha256(state, [EMBEDDING_KEY]),
+        "init_from": init,  # None: from the seeded random weights
         "trained_parameters": num_trainable,
         "steps_done": steps_done,
         "stopped_early": steps_done < args.steps,  # by --time_limit_s, --stop_at_unix or --stop_after_steps
