@@ -9,6 +9,10 @@
     python experiments/forgetting_study.py closed_loop --out study --trials 5   # P2: synthetic-suite success (CPU)
     python experiments/forgetting_study.py analyze --out study          # results.json, results.md, results.png
 
+In slices on GPU calls (docs/STUDY.md amendment 3; experiments/forgetting_study_gpu.sh): ``todo --limit N`` picks
+the next runs here, the call runs ``run --only <ids> --deadline_unix ...`` and ``closed_loop``, then ``pack
+--require_closed_loop``; ``unpack --src <call's .tgz>`` merges its results here (nothing is overwritten).
+
 Phase 1 holds every arm that does not depend on epsilon (plain, frozen, cotrain, L2-SP at several strengths,
 fixed lambda); phase 2 the CRaFT arms at the epsilons that ``epsilon`` derived from phase 1's plain runs, before
 any task-A number is looked at (``epsilon`` reads only L_ret and task-B validation L1). LoRA arms without CRaFT
@@ -27,11 +31,13 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import tarfile
 import time
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -80,7 +86,8 @@ def common_flags(args: argparse.Namespace, seed: int, run_id: str) -> list[str]:
     flags = {
         "vlm_path": args.base, "use_minivlm": True, "config_file_path": Path(args.base) / "hf_config",
         "data_source": "synthetic", "dataset_name": "synthetic_no_noops",
-        "synthetic_num_episodes": args.episodes, "num_images_in_input": 2, "use_lora": True,
+        "synthetic_num_episodes": args.episodes, "synthetic_until_success": args.until_success,
+        "max_grad_norm": args.max_grad_norm, "num_images_in_input": 2, "use_lora": True,
         "lora_rank": args.lora_rank, "image_aug": False, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "lr_warmup_steps": max(1, steps // 50),
         "num_steps_before_decay": steps * 5 // 6, "max_steps": steps, "save_freq": max(1, steps // 4),
@@ -90,6 +97,13 @@ def common_flags(args: argparse.Namespace, seed: int, run_id: str) -> list[str]:
         "wandb_mode": "disabled", "show_progress": False,
     }  # fmt: skip
     return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def compile_mode_for(requested: str, arm_flags: list[str]) -> str:
+    """The study's --compile_mode for one arm: co-training cannot use CUDA graphs (finetune.py refuses it)."""
+    if requested == "reduce-overhead" and "--cotrain_fraction" in arm_flags:
+        return "default"
+    return requested
 
 
 def plan_path(out: str | Path, phase: int) -> Path:
@@ -111,10 +125,12 @@ def cmd_plan(args: argparse.Namespace) -> list[dict]:
         arms = {a: arms[a] for a in args.arms}
     runs = []
     for arm, flags in arms.items():
+        mode = compile_mode_for(args.compile_mode, flags)
+        speed = [] if mode == "off" else ["--compile=True", f"--compile_mode={mode}"]
         for seed in args.seeds:
             run_id = f"{arm.replace('@', '-at-')}--s{seed}"
-            runs.append({"arm": arm, "seed": seed, "run_id": run_id, "max_steps": args.steps,
-                         "argv": [*common_flags(args, seed, run_id), *flags]})  # fmt: skip
+            runs.append({"arm": arm, "seed": seed, "run_id": run_id, "max_steps": args.steps, "compile_mode": mode,
+                         "argv": [*common_flags(args, seed, run_id), *flags, *speed]})  # fmt: skip
     path = plan_path(args.out, args.phase)
     if path.exists() and not args.replace:
         raise SystemExit(f"{path} exists; pass --replace to write a new plan (finished runs are kept)")
@@ -139,10 +155,70 @@ def run_state(run_dir: Path, max_steps: int) -> str:
     return "fresh"
 
 
-def cmd_run(args: argparse.Namespace) -> dict[str, int]:
-    plan = json.loads(plan_path(args.out, args.phase).read_text())["runs"]
-    logs = Path(args.out) / "logs"
+def run_processes(
+    jobs: list[tuple[str, list[str]]],
+    parallel: int,
+    logs: Path,
+    deadline_unix: float | None = None,
+    expected_s: float = 0.0,
+    on_exit: Callable[[str, int], None] | None = None,
+    env: dict[str, str] | None = None,
+) -> dict:
+    """Run ``jobs`` (id, argv) ``parallel`` at a time, each logging to ``logs/<id>.log``.
+
+    With a deadline, a job starts only if ``expected_s`` still fits before it, and jobs still running at the
+    deadline are stopped (SIGTERM to their process group, SIGKILL 20 s later): a GPU call's hard limit must not
+    take the results of the finished jobs with it. Returns {"codes": {id: exit code}, "stopped": [...], "left":
+    [...]} (stopped: killed at the deadline; left: never started)."""
     logs.mkdir(parents=True, exist_ok=True)
+    todo, running, codes, stopped, left = list(jobs), {}, {}, [], []
+    while todo or running:
+        while todo and len(running) < parallel:
+            if deadline_unix is not None and time.time() + expected_s > deadline_unix:
+                left = [job_id for job_id, _ in todo]
+                todo = []
+                print(f"deadline: {len(left)} job(s) not started ({expected_s:.0f} s each would not fit)", flush=True)
+                break
+            job_id, cmd = todo.pop(0)
+            with (logs / f"{job_id}.log").open("a") as log:
+                running[job_id] = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+        time.sleep(0.5)
+        if deadline_unix is not None and time.time() > deadline_unix and running:
+            for proc in running.values():
+                os.killpg(proc.pid, signal.SIGTERM)
+            for job_id, proc in running.items():
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                stopped.append(job_id)
+                print(f"{job_id}: stopped at the deadline", flush=True)
+            running = {}
+        for job_id, proc in list(running.items()):
+            if proc.poll() is not None:
+                codes[job_id] = proc.returncode
+                del running[job_id]
+                status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode}; see {logs / job_id}.log)"
+                print(f"{job_id}: {status}", flush=True)
+                if on_exit is not None:
+                    on_exit(job_id, proc.returncode)
+    return {"codes": codes, "stopped": stopped, "left": left}
+
+
+def select_runs(plan: list[dict], only: Sequence[str] | None) -> list[dict]:
+    if not only:
+        return plan
+    unknown = sorted(set(only) - {e["run_id"] for e in plan})
+    if unknown:
+        raise SystemExit(f"--only names runs that are not in the plan: {unknown}")
+    return [e for e in plan if e["run_id"] in set(only)]
+
+
+def cmd_run(args: argparse.Namespace) -> dict:
+    plan = select_runs(json.loads(plan_path(args.out, args.phase).read_text())["runs"], args.only)
     todo = []
     for entry in plan:
         run_dir = Path(args.out) / "runs" / entry["run_id"]
@@ -155,23 +231,25 @@ def cmd_run(args: argparse.Namespace) -> dict[str, int]:
         )
     print(f"{len(plan) - len(todo)} of {len(plan)} runs finished; {len(todo)} to run, {args.parallel} at a time")
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    running: dict[str, subprocess.Popen] = {}
-    codes: dict[str, int] = {}
-    while todo or running:
-        while todo and len(running) < args.parallel:
-            run_id, cmd = todo.pop(0)
-            with (logs / f"{run_id}.log").open("a") as log:
-                running[run_id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        time.sleep(1.0)
-        for run_id, proc in list(running.items()):
-            if proc.poll() is not None:
-                codes[run_id] = proc.returncode
-                del running[run_id]
-                status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode}; see {logs / run_id}.log)"
-                print(f"{run_id}: {status}", flush=True)
-    if any(codes.values()):
-        raise SystemExit(f"{sum(1 for c in codes.values() if c)} run(s) failed")
-    return codes
+    report = run_processes(
+        todo, args.parallel, Path(args.out) / "logs", args.deadline_unix, args.expected_run_s or 0.0, env=env
+    )
+    failed = [k for k, c in report["codes"].items() if c]
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {failed}")
+    return report
+
+
+def cmd_todo(args: argparse.Namespace) -> list[str]:
+    """Run ids of the phase that are not finished here (the last line: space-separated, for a shell)."""
+    plan = json.loads(plan_path(args.out, args.phase).read_text())["runs"]
+    done = {r["run_id"] for r in finished_runs(Path(args.out), args.phase)}
+    todo = [e["run_id"] for e in plan if e["run_id"] not in done]
+    if args.limit is not None:
+        todo = todo[: args.limit]
+    print(f"phase {args.phase}: {len(done)} of {len(plan)} runs finished; next {len(todo)}:")
+    print(" ".join(todo))
+    return todo
 
 
 def final_row(rows: list[dict]) -> dict | None:
@@ -236,14 +314,25 @@ def cmd_start(args: argparse.Namespace) -> dict:
     start = load_start_point(str(args.base), True, str(Path(args.base) / "hf_config"))
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     vla = start.vla.to(device).eval()
-    probe = TaskAValidation(QuestionEncoder(load_qwen_tokenizer()), args.task_a_questions, seed=args.task_a_seed)
+    questions, seed = args.task_a_questions, args.task_a_seed
+    if plan_path(args.out, 1).is_file():  # the runs' validation questions, whatever the flags say
+        questions, seed = task_a_questions_of(json.loads(plan_path(args.out, 1).read_text())["runs"][0])
+        print(f"task-A questions from the phase-1 plan: {questions}, seed {seed}")
+    probe = TaskAValidation(QuestionEncoder(load_qwen_tokenizer()), questions, seed=seed)
     values = probe(vla, device, torch.bfloat16 if device.type == "cuda" else None)
     values |= task_a_skill_split(values, TASK_B_SKILLS)
     path = Path(args.out) / "start.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"base": str(args.base), "questions": args.task_a_questions, **values}, indent=2) + "\n")
+    record = {"base": str(args.base), "questions": questions, "task_a_seed": seed, **values}
+    path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(values, indent=2))
     return values
+
+
+def task_a_questions_of(entry: dict) -> tuple[int, int]:
+    """(task_a_val_questions, task_a_seed) of a planned run, from its flags."""
+    flags = dict(a[2:].split("=", 1) for a in entry["argv"] if a.startswith("--") and "=" in a)
+    return int(flags["task_a_val_questions"]), int(flags["task_a_seed"])
 
 
 def final_checkpoint(out: Path, run: dict) -> Path:
@@ -251,27 +340,49 @@ def final_checkpoint(out: Path, run: dict) -> Path:
 
 
 def cmd_closed_loop(args: argparse.Namespace) -> dict[str, float]:
-    """Synthetic-suite success of every finished run's final checkpoint (resumable: the eval skips done episodes)."""
+    """Synthetic-suite success of every finished run's final checkpoint, ``--parallel`` evaluations at a time.
+
+    Resumable (the eval skips done episodes); finished runs whose final checkpoint is not on this machine (their
+    metrics came from another call by ``unpack``) are listed and skipped."""
     out = Path(args.out)
     path = out / "closed_loop.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
+    jobs, runs, missing = [], {}, []
     for run in finished_runs(out, 1) + finished_runs(out, 2):
         done = results.get(run["run_id"], {})
         if done.get("trials_per_task", 0) >= args.trials and done.get("open_loop_steps") == args.open_loop_steps:
             continue
+        if not final_checkpoint(out, run).is_dir():
+            missing.append(run["run_id"])
+            continue
         run_dir = out / "eval" / f"{run['run_id']}-h{args.open_loop_steps}"
-        cmd = [sys.executable, str(REPO / "experiments" / "robot" / "libero" / "run_libero_eval.py"),
-               "--pretrained_checkpoint", str(final_checkpoint(out, run)), "--task_suite_name", "synthetic",
-               "--unnorm_key", "synthetic_no_noops", "--center_crop", "False",
-               "--num_trials_per_task", str(args.trials), "--num_open_loop_steps", str(args.open_loop_steps),
-               "--device", args.device, "--run_dir", str(run_dir), "--save_videos", "none",
-               *shlex.split(args.eval_flags)]  # fmt: skip
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        total = json.loads((run_dir / "summary.json").read_text())["results"]["total"]
-        results[run["run_id"]] = {"success": total["success_rate"], "episodes": total["episodes"],
-                                  "trials_per_task": args.trials, "open_loop_steps": args.open_loop_steps}  # fmt: skip
+        runs[run["run_id"]] = run_dir
+        jobs.append((f"eval-{run['run_id']}", [
+            sys.executable, str(REPO / "experiments" / "robot" / "libero" / "run_libero_eval.py"),
+            "--pretrained_checkpoint", str(final_checkpoint(out, run)), "--task_suite_name", "synthetic",
+            "--unnorm_key", "synthetic_no_noops", "--center_crop", "False",
+            "--num_trials_per_task", str(args.trials), "--num_open_loop_steps", str(args.open_loop_steps),
+            "--device", args.device, "--run_dir", str(run_dir), "--save_videos", "none",
+            *shlex.split(args.eval_flags)]))  # fmt: skip
+    if missing:
+        print(f"{len(missing)} finished run(s) have no final checkpoint here, not evaluated: {missing}")
+
+    def record(job_id: str, code: int) -> None:
+        run_id = job_id.removeprefix("eval-")
+        if code != 0:
+            return
+        total = json.loads((runs[run_id] / "summary.json").read_text())["results"]["total"]
+        results[run_id] = {"success": total["success_rate"], "episodes": total["episodes"],
+                           "trials_per_task": args.trials, "open_loop_steps": args.open_loop_steps}  # fmt: skip
         path.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"{run['run_id']}: {total['successes']}/{total['episodes']}", flush=True)
+        print(f"{run_id}: {total['successes']}/{total['episodes']}", flush=True)
+
+    report = run_processes(
+        jobs, args.parallel, out / "logs", args.deadline_unix, args.expected_run_s or 0.0, on_exit=record
+    )
+    failed = [k for k, c in report["codes"].items() if c]
+    if failed:
+        raise SystemExit(f"{len(failed)} evaluation(s) failed: {failed}")
     return results
 
 
@@ -282,6 +393,11 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{start_file} is missing: run `start` first (P1 is start minus fine-tuned accuracy)")
     start = json.loads(start_file.read_text())
     runs = finished_runs(out, 1) + finished_runs(out, 2)
+    asked = {task_a_questions_of(r) for r in runs}
+    if "questions" in start and asked - {(start["questions"], start.get("task_a_seed", 0))}:
+        raise SystemExit(f"{start_file} measured {start['questions']} task-A questions (seed "
+                         f"{start.get('task_a_seed', 0)}), the runs {sorted(asked)}: P1 would compare different "
+                         "questions; rerun `start` with the runs' --task_a_questions/--task_a_seed")  # fmt: skip
     closed = json.loads((out / "closed_loop.json").read_text()) if (out / "closed_loop.json").is_file() else {}
     by_arm: dict[str, dict[int, dict]] = {}
     for r in runs:
@@ -388,9 +504,96 @@ def plot_results(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def pack_members(out: Path, require_closed_loop: bool) -> list[Path]:
+    """What ``pack`` carries: the study's top-level files, logs, and for each finished run (evaluated closed loop,
+    if required) its run dir without checkpoints and its evaluation dirs."""
+    closed = json.loads((out / "closed_loop.json").read_text()) if (out / "closed_loop.json").is_file() else {}
+    runs = [r["run_id"] for r in finished_runs(out, 1) + finished_runs(out, 2)]
+    if require_closed_loop:
+        runs = [r for r in runs if r in closed]
+    files = [f for f in out.iterdir() if f.is_file()]
+    files += sorted((out / "logs").glob("*")) if (out / "logs").is_dir() else []
+    for run_id in runs:
+        files += [f for f in (out / "runs" / run_id).rglob("*")
+                  if f.is_file() and not any(part.endswith("_chkpt") for part in f.relative_to(out).parts)]  # fmt: skip
+        for eval_dir in sorted((out / "eval").glob(f"{run_id}-h*")):
+            files += [f for f in eval_dir.rglob("*") if f.is_file()]
+    return sorted(set(files))
+
+
+def cmd_pack(args: argparse.Namespace) -> list[str]:
+    """Write the study's small results (no checkpoints) to ``--dest`` (a .tgz), paths relative to --out."""
+    out = Path(args.out)
+    files = pack_members(out, args.require_closed_loop)
+    dest = Path(args.dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for f in files:
+            tar.add(f, arcname=f.relative_to(out).as_posix(), recursive=False)
+    os.replace(tmp, dest)
+    print(f"wrote {dest}: {len(files)} files, {dest.stat().st_size / 2**20:.2f} MiB")
+    return [f.relative_to(out).as_posix() for f in files]
+
+
+def _merged_closed_loop(old: bytes, new: bytes) -> bytes | None:
+    """Union of two closed_loop.json files, or None if they disagree on a run."""
+    a, b = json.loads(old), json.loads(new)
+    if any(a[k] != b[k] for k in set(a) & set(b)):
+        return None
+    return (json.dumps(a | b, indent=2) + "\n").encode()
+
+
+def cmd_unpack(args: argparse.Namespace) -> dict[str, int]:
+    """Merge a ``pack`` file into --out. Identical files are skipped, closed_loop.json is merged, a log that
+    differs is kept next to the old one; any other file that differs stops the whole unpack before anything is
+    written (nothing here is overwritten)."""
+    out = Path(args.out)
+    writes: dict[Path, bytes] = {}
+    same, conflicts = 0, []
+    with tarfile.open(args.src, "r:gz") as tar:
+        for member in tar.getmembers():
+            name = PurePosixPath(member.name)
+            if name.is_absolute() or ".." in name.parts or not member.isfile():
+                raise SystemExit(f"{args.src}: refusing member {member.name!r} (not a plain relative file)")
+            data = tar.extractfile(member).read()
+            dest = out / name
+            if dest.is_file():
+                old = dest.read_bytes()
+                if old == data:
+                    same += 1
+                    continue
+                if name == PurePosixPath("closed_loop.json"):
+                    data = _merged_closed_loop(old, data)
+                    if data is None:
+                        conflicts.append(f"{name} (a run's result differs)")
+                        continue
+                elif name.parts[0] == "logs":
+                    k = 1
+                    while dest.with_name(f"{dest.stem}.{k}{dest.suffix}").exists():
+                        k += 1
+                    dest = dest.with_name(f"{dest.stem}.{k}{dest.suffix}")
+                else:
+                    conflicts.append(str(name))
+                    continue
+            writes[dest] = data
+    if conflicts:
+        raise SystemExit(f"{args.src}: {len(conflicts)} file(s) differ from what {out} holds, nothing written: "
+                         f"{conflicts[:10]}")  # fmt: skip
+    for dest, data in writes.items():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+    print(f"unpacked {args.src} into {out}: {len(writes)} written, {same} already there")
+    return {"written": len(writes), "same": same}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=("start", "plan", "run", "epsilon", "closed_loop", "analyze"))
+    p.add_argument(
+        "command", choices=("start", "plan", "run", "todo", "epsilon", "closed_loop", "analyze", "pack", "unpack")
+    )
     p.add_argument("--out", required=True, help="study dir: plans, runs/, logs/, epsilon.json, results")
     p.add_argument("--base", help="task-A base run dir (pretrain_synthetic_vlm.py's <out>/base)")
     p.add_argument("--phase", type=int, choices=(1, 2), default=1)
@@ -401,12 +604,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--learning_rate", type=float, default=5e-4)
     p.add_argument("--lora_rank", type=int, default=32)
-    p.add_argument("--episodes", type=int, default=1000)
+    p.add_argument("--episodes", type=int, default=1600)
+    p.add_argument(
+        "--until_success", action=argparse.BooleanOptionalAction, default=True,
+        help="episodes end at the expert's success (amendment 3: the recipe that learned task B closed loop)",
+    )  # fmt: skip
+    p.add_argument("--max_grad_norm", type=float, default=5.0)
+    p.add_argument(
+        "--compile_mode", choices=("off", "default", "reduce-overhead"), default="off",
+        help="plan: speed only (amendment 3); cotrain arms get 'default' instead of reduce-overhead",
+    )  # fmt: skip
     p.add_argument("--val_batches", type=int, default=15)
     p.add_argument("--task_a_questions", type=int, default=1000)
     p.add_argument("--task_a_seed", type=int, default=0)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--parallel", type=int, default=4, help="run: concurrent finetune.py processes")
+    p.add_argument("--parallel", type=int, default=4, help="run / closed_loop: concurrent processes")
+    p.add_argument("--only", nargs="+", help="run: these run ids of the plan only (e.g. from `todo`)")
+    p.add_argument("--limit", type=int, help="todo: list at most this many run ids")
+    p.add_argument(
+        "--deadline_unix", type=float,
+        help="run / closed_loop: start nothing that --expected_run_s says would end after this time (seconds since "
+        "the epoch), stop what still runs at it (a GPU call's hard limit); stopped runs are rerun later from scratch",
+    )  # fmt: skip
+    p.add_argument("--expected_run_s", type=float, help="run / closed_loop: how long one job takes (deadline)")
+    p.add_argument("--dest", help="pack: the .tgz to write")
+    p.add_argument("--src", help="unpack: the .tgz to merge into --out")
+    p.add_argument("--require_closed_loop", action="store_true", help="pack: only runs evaluated closed loop")
     p.add_argument("--trials", type=int, default=5, help="closed_loop: episodes per synthetic task (8 tasks)")
     p.add_argument(
         "--open_loop_steps", type=int, default=1,
@@ -417,13 +640,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.command in ("plan", "start") and not args.base:
         p.error(f"{args.command} needs --base")
+    for command, flag in (("pack", "dest"), ("unpack", "src")):
+        if args.command == command and not getattr(args, flag):
+            p.error(f"{command} needs --{flag}")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> object:
     args = parse_args(argv)
-    commands = {"start": cmd_start, "plan": cmd_plan, "run": cmd_run, "epsilon": cmd_epsilon,
-                "closed_loop": cmd_closed_loop, "analyze": cmd_analyze}  # fmt: skip
+    commands = {"start": cmd_start, "plan": cmd_plan, "run": cmd_run, "todo": cmd_todo, "epsilon": cmd_epsilon,
+                "closed_loop": cmd_closed_loop, "analyze": cmd_analyze, "pack": cmd_pack,
+                "unpack": cmd_unpack}  # fmt: skip
     return commands[args.command](args)
 
 

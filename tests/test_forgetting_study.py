@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,14 @@ def test_every_planned_arm_parses_into_the_intended_config(tiny_base: Path, tmp_
     assert configs["l2sp_0.01"].l2sp_weight == 0.01
     fixed = configs["fixed_lambda_3"]
     assert (fixed.craft_retention_weight, fixed.craft_dual_lr, fixed.craft_enable_projection) == (3.0, 0.0, False)
+    # amendment 3: issue 12's task-B recipe in every arm; speed flags per arm (cotrain cannot use CUDA graphs)
+    assert all(c.synthetic_until_success and c.synthetic_num_episodes == 1600 and c.max_grad_norm == 5.0
+               and not c.compile for c in configs.values())  # fmt: skip
+    fast = study.cmd_plan(_args(tmp_path / "fast", tiny_base, "--seeds", "0", "--compile_mode", "reduce-overhead"))
+    modes = {r["arm"]: (r["compile_mode"], finetune.parse_flags(r["argv"])) for r in fast}
+    assert modes["plain"][0] == modes["plain"][1].compile_mode == "reduce-overhead"
+    assert modes["plain"][1].compile
+    assert modes["cotrain"][0] == modes["cotrain"][1].compile_mode == "default"  # parsed: finetune.py accepts it
     with pytest.raises(SystemExit, match="exists"):
         study.cmd_plan(_args(tmp_path, tiny_base))
     with pytest.raises(SystemExit, match="epsilon.json"):
@@ -143,17 +152,31 @@ def test_epsilon_and_analysis_from_metrics_files(tiny_base: Path, tmp_path: Path
 
 
 def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: Path):
-    common = ["--out", str(tmp_path), "--device", "cpu", "--task_a_questions", "8"]
+    out = tmp_path / "study"
+    common = ["--out", str(out), "--device", "cpu", "--task_a_questions", "8"]
     small = ["--steps", "2", "--batch_size", "2", "--episodes", "6", "--val_batches", "1", "--lora_rank", "4"]
     study.cmd_plan(study.parse_args(["plan", "--base", str(tiny_base), "--seeds", "0", "--arms", "plain", "frozen",
                                      *common, *small]))  # fmt: skip
-    codes = study.cmd_run(study.parse_args(["run", "--parallel", "2", *common]))
-    assert codes == {"plain--s0": 0, "frozen--s0": 0}
-    rows = study.read_metrics(tmp_path / "runs" / "plain--s0")
+    assert study.cmd_todo(study.parse_args(["todo", *common])) == ["plain--s0", "frozen--s0"]
+
+    # a GPU call's deadline: a run still going at it is stopped, and nothing starts that would not fit before it
+    t0 = time.time()
+    cut = study.cmd_run(study.parse_args(["run", "--only", "plain--s0", "--deadline_unix", str(t0 + 1.5),
+                                          "--expected_run_s", "0", *common]))  # fmt: skip
+    assert cut == {"codes": {}, "stopped": ["plain--s0"], "left": []}
+    assert time.time() - t0 < 30  # SIGTERM ended it (SIGKILL would have come 20 s later)
+    too_long = study.cmd_run(study.parse_args(["run", "--deadline_unix", str(time.time() + 600),
+                                               "--expected_run_s", "3600", *common]))  # fmt: skip
+    assert too_long == {"codes": {}, "stopped": [], "left": ["plain--s0", "frozen--s0"]}
+
+    report = study.cmd_run(study.parse_args(["run", "--parallel", "2", *common]))  # the stopped run starts afresh
+    assert report["codes"] == {"plain--s0": 0, "frozen--s0": 0}
+    rows = study.read_metrics(out / "runs" / "plain--s0")
     assert rows[-1]["step"] == 2
     assert "val/retention_loss" in rows[-1]  # the monitor reports L_ret for plain
     assert "val/task_a_not_needed" in rows[-1]
-    assert study.cmd_run(study.parse_args(["run", *common])) == {}  # finished: nothing to do
+    assert study.cmd_run(study.parse_args(["run", *common]))["codes"] == {}  # finished: nothing to do
+    assert study.cmd_todo(study.parse_args(["todo", *common])) == []
     study.cmd_start(study.parse_args(["start", "--base", str(tiny_base), *common]))
     # P2: each final checkpoint through the closed-loop runner (one short synthetic episode each)
     closed = study.cmd_closed_loop(
@@ -161,9 +184,33 @@ def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: P
     )
     assert set(closed) == {"plain--s0", "frozen--s0"}
     assert all(c["episodes"] == 1 and c["success"] in (0.0, 1.0) for c in closed.values())
-    identity = json.loads((tmp_path / "eval" / "plain--s0-h1" / "run_identity.json").read_text())
+    identity = json.loads((out / "eval" / "plain--s0-h1" / "run_identity.json").read_text())
     assert identity["num_open_loop_steps"] == closed["plain--s0"]["open_loop_steps"] == 1  # the study's default
     result = study.cmd_analyze(study.parse_args(["analyze", *common]))
     assert set(result["arms"]) == {"plain", "frozen"}
     assert result["arms"]["plain"]["success"] == closed["plain--s0"]["success"]
     assert result["p2"] == ("success" if max(c["success"] for c in closed.values()) >= 0.2 else "val_l1")
+
+    # a call's results travel without checkpoints and give the same analysis elsewhere
+    tgz = str(tmp_path / "call.tgz")
+    packed = study.cmd_pack(study.parse_args(["pack", "--out", str(out), "--dest", tgz, "--require_closed_loop"]))
+    assert "runs/plain--s0/metrics.jsonl" in packed
+    assert "eval/frozen--s0-h1/summary.json" in packed
+    assert not [m for m in packed if "_chkpt" in m]
+    copy = tmp_path / "copy"
+    study.cmd_unpack(study.parse_args(["unpack", "--out", str(copy), "--src", tgz]))
+    assert study.cmd_unpack(study.parse_args(["unpack", "--out", str(copy), "--src", tgz]))["written"] == 0
+    again = study.cmd_analyze(study.parse_args(["analyze", "--out", str(copy)]))
+    assert json.dumps(again["arms"], sort_keys=True) == json.dumps(result["arms"], sort_keys=True)
+    (copy / "start.json").write_text("{}")  # a file here that the pack disagrees with: refused, nothing written
+    before = {f: f.read_bytes() for f in copy.rglob("*") if f.is_file()}
+    with pytest.raises(SystemExit, match="start.json"):
+        study.cmd_unpack(study.parse_args(["unpack", "--out", str(copy), "--src", tgz]))
+    assert {f: f.read_bytes() for f in copy.rglob("*") if f.is_file()} == before
+
+    # P1 compares the same questions at the start and after fine-tuning: a start point measured on others is refused
+    start = json.loads((out / "start.json").read_text())
+    assert (start["questions"], start["task_a_seed"]) == (8, 0)  # taken from the plan
+    (out / "start.json").write_text(json.dumps({**start, "questions": 9}))
+    with pytest.raises(SystemExit, match="different questions"):
+        study.cmd_analyze(study.parse_args(["analyze", *common]))

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One GPU call of the forgetting study (docs/STUDY.md, amendment 3): train the chosen runs to the end, evaluate
+# each closed loop, and return their small results; nothing a later call needs stays on the GPU machine.
+#
+# On the CPU machine, once:
+#   python experiments/forgetting_study.py plan --base /tmp/vlmA/base --out runs/study --phase 1 \
+#     --compile_mode reduce-overhead                                     # --base: where this script unpacks it
+#   mkdir -p .carry/study_state && cp runs/study/phase1.json .carry/study_state/
+# Each call (carry .whl, the base's parts and .carry/study_state):
+#   RUN_IDS="$(python experiments/forgetting_study.py todo --out runs/study --phase 1 --limit 8 | tail -1)"
+#   OUT=$OUT BASE_PACK=.carry/base STATE=.carry/study_state RUN_IDS="$RUN_IDS" PARALLEL=8 \
+#     bash experiments/forgetting_study_gpu.sh
+# Back on the CPU machine:
+#   python experiments/forgetting_study.py unpack --out runs/study --src <files>/study_call.tgz
+#
+# Inputs (environment): BASE_PACK (pack_checkpoint.py prefix of the task-A base, unpacked to BASE_DIR, default
+# /tmp/vlmA/base: the path the plan names), STATE (a folder with the plan files and, if made, start.json and
+# epsilon.json: copied into STUDY, default runs/study), PHASE (1), RUN_IDS (space-separated, required),
+# PARALLEL (finetune.py processes sharing the GPU, default 4), EXPECTED_RUN_S (a run's duration: one that would
+# end after the training deadline is not started; default 0), CALL_LIMIT (the call's own limit in seconds,
+# default 590), EVAL_RESERVE_S (seconds kept for the closed-loop evaluations, default 150), TRIALS (episodes
+# per synthetic task, default 5), EVAL_PARALLEL (default 4), EVAL_FLAGS (default "--num_workers 4"), DEVICE
+# (start and evaluation; default cuda; the runs' device is the plan's).
+# Training stops at CALL_LIMIT - EVAL_RESERVE_S - 40 s and evaluation at CALL_LIMIT - 40 s after the start;
+# a run or evaluation cut off there is left out of the pack (pack --require_closed_loop) and rerun later.
+# Comes back under $OUT: study_call.tgz (pack), timeline.txt, env.txt, and start.json when this call made it.
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+: "${OUT:?OUT must be set}" "${RUN_IDS:?RUN_IDS must name the runs of this call}" "${BASE_PACK:?}" "${STATE:?}"
+if ! python3 -c "import draccus" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+mkdir -p "$OUT"
+mark() { echo "$* at $(el)s" | tee -a "$OUT/timeline.txt"; }
+CALL_LIMIT=${CALL_LIMIT:-590}; EVAL_RESERVE_S=${EVAL_RESERVE_S:-150}
+STUDY=${STUDY:-runs/study}; BASE_DIR=${BASE_DIR:-/tmp/vlmA/base}; PHASE=${PHASE:-1}
+S="python3 experiments/forgetting_study.py"
+{ date -u; nvidia-smi -L; git rev-parse HEAD; python3 -c "import torch; print(torch.__version__)"; nproc; } \
+  > "$OUT/env.txt" 2>&1
+
+python3 vla-scripts/pack_checkpoint.py seeded-embedding /tmp/ref.pt > /tmp/pack.log 2>&1
+if [ ! -d "$BASE_DIR/checkpoints" ]; then
+  python3 vla-scripts/pack_checkpoint.py unpack "$BASE_PACK" "$BASE_DIR" --ref /tmp/ref.pt >> /tmp/pack.log 2>&1 \
+    || { mark "unpacking $BASE_PACK failed: $(tail -1 /tmp/pack.log)"; exit 1; }
+fi
+mkdir -p "$STUDY"
+for f in "$STATE"/*.json; do
+  if [ -e "$STUDY/$(basename "$f")" ] && ! cmp -s "$f" "$STUDY/$(basename "$f")"; then
+    mark "$STUDY/$(basename "$f") differs from $f: refusing to mix two studies"; exit 1
+  fi
+  cp -n "$f" "$STUDY/"
+done
+mark "base and state ready"
+if [ ! -f "$STUDY/start.json" ]; then
+  $S start --out "$STUDY" --base "$BASE_DIR" --device "${DEVICE:-cuda}" > "$OUT/start.log" 2>&1 \
+    && cp "$STUDY/start.json" "$OUT/" && mark "start point measured"
+fi
+# shellcheck disable=SC2086  # RUN_IDS is a list
+$S run --out "$STUDY" --phase "$PHASE" --only $RUN_IDS --parallel "${PARALLEL:-4}" \
+  --deadline_unix $((T0 + CALL_LIMIT - EVAL_RESERVE_S - 40)) --expected_run_s "${EXPECTED_RUN_S:-0}" 2>&1 \
+  | tee -a "$OUT/timeline.txt"
+mark "training done"
+$S closed_loop --out "$STUDY" --device "${DEVICE:-cuda}" --trials "${TRIALS:-5}" --parallel "${EVAL_PARALLEL:-4}" \
+  --eval_flags "${EVAL_FLAGS:---num_workers 4}" --deadline_unix $((T0 + CALL_LIMIT - 40)) 2>&1 \
+  | tee -a "$OUT/timeline.txt"
+mark "evaluation done"
+$S pack --out "$STUDY" --dest "$OUT/study_call.tgz" --require_closed_loop 2>&1 | tee -a "$OUT/timeline.txt"
+mark "packed"
