@@ -28,6 +28,7 @@ never saved one (the old dir is moved aside by ``--overwrite``, nothing is delet
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -170,42 +171,65 @@ def run_processes(
     deadline are stopped (SIGTERM to their process group, SIGKILL 20 s later): a GPU call's hard limit must not
     take the results of the finished jobs with it. Returns {"codes": {id: exit code}, "stopped": [...], "left":
     [...]} (stopped: killed at the deadline; left: never started)."""
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
     logs.mkdir(parents=True, exist_ok=True)
     todo, running, codes, stopped, left = list(jobs), {}, {}, [], []
-    while todo or running:
-        while todo and len(running) < parallel:
-            if deadline_unix is not None and time.time() + expected_s > deadline_unix:
-                left = [job_id for job_id, _ in todo]
-                todo = []
-                print(f"deadline: {len(left)} job(s) not started ({expected_s:.0f} s each would not fit)", flush=True)
-                break
-            job_id, cmd = todo.pop(0)
-            with (logs / f"{job_id}.log").open("a") as log:
-                running[job_id] = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-                )
-        time.sleep(0.5)
-        if deadline_unix is not None and time.time() > deadline_unix and running:
-            for proc in running.values():
-                os.killpg(proc.pid, signal.SIGTERM)
-            for job_id, proc in running.items():
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                stopped.append(job_id)
-                print(f"{job_id}: stopped at the deadline", flush=True)
-            running = {}
+
+    def reap() -> None:  # jobs that have exited are recorded before anything is signalled
         for job_id, proc in list(running.items()):
             if proc.poll() is not None:
-                codes[job_id] = proc.returncode
                 del running[job_id]
+                _kill_group(proc, signal.SIGKILL)  # children a job left behind (GPU memory, env workers)
+                codes[job_id] = proc.returncode
                 status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode}; see {logs / job_id}.log)"
                 print(f"{job_id}: {status}", flush=True)
                 if on_exit is not None:
                     on_exit(job_id, proc.returncode)
+
+    try:
+        while todo or running:
+            while todo and len(running) < parallel:
+                if deadline_unix is not None and time.time() + expected_s > deadline_unix:
+                    left = [job_id for job_id, _ in todo]
+                    todo = []
+                    print(f"deadline: {len(left)} job(s) not started ({expected_s:.0f} s each would not fit)")
+                    break
+                job_id, cmd = todo.pop(0)
+                with (logs / f"{job_id}.log").open("a") as log:
+                    running[job_id] = subprocess.Popen(
+                        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    )
+            time.sleep(0.5)
+            reap()
+            if deadline_unix is not None and time.time() > deadline_unix and running:
+                for proc in running.values():
+                    _kill_group(proc, signal.SIGTERM)
+                grace_end = time.time() + 20  # one grace period for all of them, then SIGKILL
+                while any(proc.poll() is None for proc in running.values()) and time.time() < grace_end:
+                    time.sleep(0.2)
+                for job_id, proc in running.items():
+                    _kill_group(proc, signal.SIGKILL)
+                    proc.wait()
+                    stopped.append(job_id)
+                    print(f"{job_id}: stopped at the deadline", flush=True)
+                running = {}
+    finally:  # an exception (e.g. in on_exit) must not leave jobs running behind the caller
+        for proc in running.values():
+            _kill_group(proc, signal.SIGKILL)
+            proc.wait()
     return {"codes": codes, "stopped": stopped, "left": left}
+
+
+def _kill_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the whole group has exited
+        os.killpg(proc.pid, sig)
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def select_runs(plan: list[dict], only: Sequence[str] | None) -> list[dict]:
@@ -374,7 +398,7 @@ def cmd_closed_loop(args: argparse.Namespace) -> dict[str, float]:
         total = json.loads((runs[run_id] / "summary.json").read_text())["results"]["total"]
         results[run_id] = {"success": total["success_rate"], "episodes": total["episodes"],
                            "trials_per_task": args.trials, "open_loop_steps": args.open_loop_steps}  # fmt: skip
-        path.write_text(json.dumps(results, indent=2) + "\n")
+        _write_json_atomic(path, results)
         print(f"{run_id}: {total['successes']}/{total['episodes']}", flush=True)
 
     report = run_processes(
@@ -544,10 +568,20 @@ def _merged_closed_loop(old: bytes, new: bytes) -> bytes | None:
     return (json.dumps(a | b, indent=2) + "\n").encode()
 
 
+def _side_by_side(dest: Path, data: bytes) -> Path | None:
+    """The first free ``<stem>.<k><suffix>`` next to ``dest``, or None if one of them already holds ``data``."""
+    k = 1
+    while (candidate := dest.with_name(f"{dest.stem}.{k}{dest.suffix}")).exists():
+        if candidate.read_bytes() == data:
+            return None
+        k += 1
+    return candidate
+
+
 def cmd_unpack(args: argparse.Namespace) -> dict[str, int]:
-    """Merge a ``pack`` file into --out. Identical files are skipped, closed_loop.json is merged, a log that
-    differs is kept next to the old one; any other file that differs stops the whole unpack before anything is
-    written (nothing here is overwritten)."""
+    """Merge a ``pack`` file into --out. Identical files are skipped, closed_loop.json is merged, a log or
+    start.json that differs is kept next to the old one; any other file that differs stops the whole unpack
+    before anything is written (nothing here is overwritten)."""
     out = Path(args.out)
     writes: dict[Path, bytes] = {}
     same, conflicts = 0, []
@@ -568,11 +602,14 @@ def cmd_unpack(args: argparse.Namespace) -> dict[str, int]:
                     if data is None:
                         conflicts.append(f"{name} (a run's result differs)")
                         continue
-                elif name.parts[0] == "logs":
-                    k = 1
-                    while dest.with_name(f"{dest.stem}.{k}{dest.suffix}").exists():
-                        k += 1
-                    dest = dest.with_name(f"{dest.stem}.{k}{dest.suffix}")
+                elif name.parts[0] == "logs" or name == PurePosixPath("start.json"):
+                    # a later call's log, or a start point measured again on another card: kept side by side
+                    # (the local start.json stays the one analyze reads)
+                    dest = _side_by_side(dest, data)
+                    if dest is None:
+                        same += 1
+                        continue
+                    print(f"{name} differs from the one here: kept as {dest.relative_to(out)}")
                 else:
                     conflicts.append(str(name))
                     continue

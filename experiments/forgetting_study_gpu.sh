@@ -6,6 +6,8 @@
 #   python experiments/forgetting_study.py plan --base /tmp/vlmA/base --out runs/study --phase 1 \
 #     --compile_mode reduce-overhead                                     # --base: where this script unpacks it
 #   mkdir -p .carry/study_state && cp runs/study/phase1.json .carry/study_state/
+#   (after the first call's unpack, also cp runs/study/start.json .carry/study_state/: measured once; a start.json
+#   measured again on another card would come back side by side, start.1.json, and not be used)
 # Each call (carry .whl, the base's parts and .carry/study_state):
 #   RUN_IDS="$(python experiments/forgetting_study.py todo --out runs/study --phase 1 --limit 8 | tail -1)"
 #   OUT=$OUT BASE_PACK=.carry/base STATE=.carry/study_state RUN_IDS="$RUN_IDS" PARALLEL=8 \
@@ -23,7 +25,9 @@
 # (start and evaluation; default cuda; the runs' device is the plan's).
 # Training stops at CALL_LIMIT - EVAL_RESERVE_S - 40 s and evaluation at CALL_LIMIT - 40 s after the start;
 # a run or evaluation cut off there is left out of the pack (pack --require_closed_loop) and rerun later.
-# Comes back under $OUT: study_call.tgz (pack), timeline.txt, env.txt, and start.json when this call made it.
+# Each call starts from the carried state alone: an existing STUDY or BASE_DIR is moved aside (<dir>.before-<time>).
+# Comes back under $OUT: study_call.tgz (pack), timeline.txt, env.txt, and start.json + start.log when this call
+# measured the start point. Exit status: pack's.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
@@ -43,30 +47,30 @@ S="python3 experiments/forgetting_study.py"
   > "$OUT/env.txt" 2>&1
 
 python3 vla-scripts/pack_checkpoint.py seeded-embedding /tmp/ref.pt > /tmp/pack.log 2>&1
-if [ ! -d "$BASE_DIR/checkpoints" ]; then
-  python3 vla-scripts/pack_checkpoint.py unpack "$BASE_PACK" "$BASE_DIR" --ref /tmp/ref.pt >> /tmp/pack.log 2>&1 \
-    || { mark "unpacking $BASE_PACK failed: $(tail -1 /tmp/pack.log)"; exit 1; }
-fi
+# A warm machine keeps /tmp and the repo's ignored runs/ between calls: start from the carried state alone
+# (a stopped run of an earlier call must not be resumed, amendment 3c; another script's base must not be used).
+# What is there is moved aside, not deleted.
+for d in "$STUDY" "$BASE_DIR"; do [ -e "$d" ] && mv "$d" "$d.before-$T0"; done
+python3 vla-scripts/pack_checkpoint.py unpack "$BASE_PACK" "$BASE_DIR" --ref /tmp/ref.pt >> /tmp/pack.log 2>&1 \
+  || { mark "unpacking $BASE_PACK failed: $(tail -1 /tmp/pack.log)"; exit 1; }
 mkdir -p "$STUDY"
-for f in "$STATE"/*.json; do
-  if [ -e "$STUDY/$(basename "$f")" ] && ! cmp -s "$f" "$STUDY/$(basename "$f")"; then
-    mark "$STUDY/$(basename "$f") differs from $f: refusing to mix two studies"; exit 1
-  fi
-  cp -n "$f" "$STUDY/"
-done
+ls "$STATE"/phase"$PHASE".json > /dev/null 2>&1 || { mark "$STATE has no phase$PHASE.json"; exit 1; }
+cp "$STATE"/*.json "$STUDY/"
 mark "base and state ready"
 if [ ! -f "$STUDY/start.json" ]; then
-  $S start --out "$STUDY" --base "$BASE_DIR" --device "${DEVICE:-cuda}" > "$OUT/start.log" 2>&1 \
-    && cp "$STUDY/start.json" "$OUT/" && mark "start point measured"
+  if $S start --out "$STUDY" --base "$BASE_DIR" --device "${DEVICE:-cuda}" > "$OUT/start.log" 2>&1; then
+    cp "$STUDY/start.json" "$OUT/"; mark "start point measured"
+  else mark "start failed: $(tail -1 "$OUT/start.log")"; fi
 fi
+set -o pipefail
 # shellcheck disable=SC2086  # RUN_IDS is a list
 $S run --out "$STUDY" --phase "$PHASE" --only $RUN_IDS --parallel "${PARALLEL:-4}" \
   --deadline_unix $((T0 + CALL_LIMIT - EVAL_RESERVE_S - 40)) --expected_run_s "${EXPECTED_RUN_S:-0}" 2>&1 \
   | tee -a "$OUT/timeline.txt"
-mark "training done"
+mark "training rc=$?"
 $S closed_loop --out "$STUDY" --device "${DEVICE:-cuda}" --trials "${TRIALS:-5}" --parallel "${EVAL_PARALLEL:-4}" \
-  --eval_flags "${EVAL_FLAGS:---num_workers 4}" --deadline_unix $((T0 + CALL_LIMIT - 40)) 2>&1 \
+  --eval_flags="${EVAL_FLAGS---num_workers 4}" --deadline_unix $((T0 + CALL_LIMIT - 40)) 2>&1 \
   | tee -a "$OUT/timeline.txt"
-mark "evaluation done"
+mark "evaluation rc=$?"
 $S pack --out "$STUDY" --dest "$OUT/study_call.tgz" --require_closed_loop 2>&1 | tee -a "$OUT/timeline.txt"
-mark "packed"
+rc=$?; mark "pack rc=$rc"; exit "$rc"

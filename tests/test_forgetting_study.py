@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import tarfile
 import time
 from pathlib import Path
 
@@ -164,7 +165,7 @@ def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: P
     cut = study.cmd_run(study.parse_args(["run", "--only", "plain--s0", "--deadline_unix", str(t0 + 1.5),
                                           "--expected_run_s", "0", *common]))  # fmt: skip
     assert cut == {"codes": {}, "stopped": ["plain--s0"], "left": []}
-    assert time.time() - t0 < 30  # SIGTERM ended it (SIGKILL would have come 20 s later)
+    assert time.time() - t0 < 15  # SIGTERM ended it (SIGKILL would have come 20 s after the deadline)
     too_long = study.cmd_run(study.parse_args(["run", "--deadline_unix", str(time.time() + 600),
                                                "--expected_run_s", "3600", *common]))  # fmt: skip
     assert too_long == {"codes": {}, "stopped": [], "left": ["plain--s0", "frozen--s0"]}
@@ -177,7 +178,7 @@ def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: P
     assert "val/task_a_not_needed" in rows[-1]
     assert study.cmd_run(study.parse_args(["run", *common]))["codes"] == {}  # finished: nothing to do
     assert study.cmd_todo(study.parse_args(["todo", *common])) == []
-    study.cmd_start(study.parse_args(["start", "--base", str(tiny_base), *common]))
+    study.cmd_start(study.parse_args(["start", "--base", str(tiny_base), *common, "--task_a_questions", "9"]))
     # P2: each final checkpoint through the closed-loop runner (one short synthetic episode each)
     closed = study.cmd_closed_loop(
         study.parse_args(["closed_loop", "--trials", "1", "--eval_flags", "--max_steps 3 --task_ids [0]", *common])
@@ -192,25 +193,45 @@ def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: P
     assert result["p2"] == ("success" if max(c["success"] for c in closed.values()) >= 0.2 else "val_l1")
 
     # a call's results travel without checkpoints and give the same analysis elsewhere
-    tgz = str(tmp_path / "call.tgz")
+    tgz, partial = str(tmp_path / "call.tgz"), str(tmp_path / "partial.tgz")
     packed = study.cmd_pack(study.parse_args(["pack", "--out", str(out), "--dest", tgz, "--require_closed_loop"]))
     assert "runs/plain--s0/metrics.jsonl" in packed
     assert "eval/frozen--s0-h1/summary.json" in packed
     assert not [m for m in packed if "_chkpt" in m]
+    only_plain = {"plain--s0": closed["plain--s0"]}  # as if frozen's evaluation had been cut off
+    (out / "closed_loop.json").write_text(json.dumps(only_plain))
+    without = study.cmd_pack(study.parse_args(["pack", "--out", str(out), "--dest", partial, "--require_closed_loop"]))
+    assert "runs/plain--s0/metrics.jsonl" in without
+    assert not [m for m in without if "frozen--s0/" in m or "frozen--s0-h1" in m]
+    (out / "closed_loop.json").write_text(json.dumps(closed, indent=2) + "\n")
+
     copy = tmp_path / "copy"
-    study.cmd_unpack(study.parse_args(["unpack", "--out", str(copy), "--src", tgz]))
+    study.cmd_unpack(study.parse_args(["unpack", "--out", str(copy), "--src", partial]))
+    assert study.cmd_todo(study.parse_args(["todo", "--out", str(copy)])) == ["frozen--s0"]
+    (copy / "logs" / "plain--s0.log").write_text("a log of another call\n")
+    study.cmd_unpack(study.parse_args(["unpack", "--out", str(copy), "--src", tgz]))  # the rest, merged in
+    assert json.loads((copy / "closed_loop.json").read_text()) == closed
+    assert (copy / "logs" / "plain--s0.log").read_text() == "a log of another call\n"  # both logs kept
+    assert (copy / "logs" / "plain--s0.1.log").read_bytes() == (out / "logs" / "plain--s0.log").read_bytes()
     assert study.cmd_unpack(study.parse_args(["unpack", "--out", str(copy), "--src", tgz]))["written"] == 0
     again = study.cmd_analyze(study.parse_args(["analyze", "--out", str(copy)]))
     assert json.dumps(again["arms"], sort_keys=True) == json.dumps(result["arms"], sort_keys=True)
-    (copy / "start.json").write_text("{}")  # a file here that the pack disagrees with: refused, nothing written
+
+    (copy / "phase1.json").write_text("{}")  # a file here that the pack disagrees with: refused, nothing written
+    (copy / "runs" / "frozen--s0" / "metrics.jsonl").unlink()
     before = {f: f.read_bytes() for f in copy.rglob("*") if f.is_file()}
-    with pytest.raises(SystemExit, match="start.json"):
+    with pytest.raises(SystemExit, match="phase1.json"):
         study.cmd_unpack(study.parse_args(["unpack", "--out", str(copy), "--src", tgz]))
-    assert {f: f.read_bytes() for f in copy.rglob("*") if f.is_file()} == before
+    assert {f: f.read_bytes() for f in copy.rglob("*") if f.is_file()} == before  # the deleted file not restored
+    evil = tmp_path / "evil.tgz"
+    with tarfile.open(evil, "w:gz") as tar:
+        tar.add(out / "phase1.json", arcname="../phase1.json")
+    with pytest.raises(SystemExit, match="not a plain relative file"):
+        study.cmd_unpack(study.parse_args(["unpack", "--out", str(copy), "--src", str(evil)]))
 
     # P1 compares the same questions at the start and after fine-tuning: a start point measured on others is refused
     start = json.loads((out / "start.json").read_text())
-    assert (start["questions"], start["task_a_seed"]) == (8, 0)  # taken from the plan
+    assert (start["questions"], start["task_a_seed"]) == (8, 0)  # the plan's, not the flag's 9
     (out / "start.json").write_text(json.dumps({**start, "questions": 9}))
     with pytest.raises(SystemExit, match="different questions"):
         study.cmd_analyze(study.parse_args(["analyze", *common]))

@@ -82,7 +82,7 @@ def _pretrain(tmp_path, name, steps=40, extra=()):
     return script.main(args)
 
 
-def test_pretraining_is_reproducible_learns_and_writes_a_loadable_base(tmp_path, encoder):
+def test_pretraining_is_reproducible_learns_and_writes_a_loadable_base(tmp_path, encoder, capsys):
     first = _pretrain(tmp_path, "a")
     second = _pretrain(tmp_path, "b")
     assert first["weights_sha256"] == second["weights_sha256"]  # bit for bit, same machine
@@ -122,11 +122,15 @@ def test_pretraining_is_reproducible_learns_and_writes_a_loadable_base(tmp_path,
 
     # --init_from continues from a base: zero steps of a second schedule give back the same weights and answers
     base = str(tmp_path / "a" / "base")
-    resumed = _pretrain(tmp_path, "resumed", steps=0, extra=["--init_from", base, "--first_step", "40"])
+    cont = ["--init_from", base, "--first_step", "40"]
+    resumed = _pretrain(tmp_path, "resumed", steps=0, extra=cont)
     assert resumed["init_from"]["weights_sha256"] == first["weights_sha256"] == resumed["weights_sha256"]
     assert resumed["heldout_accuracy"] == first["heldout_accuracy"]
     assert first["init_from"] is None
     with pytest.raises(CheckpointError, match="shape mismatches .*language_model"):  # a size flag that differs, by name
-        _pretrain(tmp_path, "wider", steps=0, extra=["--init_from", base, "--llm_hidden_size", "96"])
+        _pretrain(tmp_path, "wider", steps=0, extra=[*cont, "--llm_hidden_size", "96"])
     with pytest.raises(SystemExit):
-        _pretrain(tmp_path, "nowhere", steps=0, extra=["--init_from", str(tmp_path / "a")])  # not a base/ folder
+        _pretrain(tmp_path, "nowhere", steps=0, extra=[*cont[:1], str(tmp_path / "a"), *cont[2:]])  # not base/
+    with pytest.raises(SystemExit):
+        _pretrain(tmp_path, "unsaid", steps=0, extra=["--init_from", base])  # where its questions continue: unsaid
+    assert "needs --first_step" in capsys.readouterr().err

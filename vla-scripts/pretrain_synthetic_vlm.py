@@ -110,9 +110,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "this run's own warm-up and cosine schedule; the report records the loaded weights' sha256",
     )  # fmt: skip
     p.add_argument(
-        "--first_step", type=int, default=0,
-        help="index of the first step in the question stream (each step's questions come from (seed, step)): with "
-        "--init_from, the earlier run's steps_done, so its questions continue instead of repeating",
+        "--first_step", type=int, default=None,
+        help="index of the first step in the question stream (each step's questions come from (seed, step); default "
+        "0): required with --init_from, usually the earlier run's steps_done, so its questions continue",
     )  # fmt: skip
     p.add_argument("--llm_layers", type=int, default=8)
     p.add_argument("--llm_hidden_size", type=int, default=256)
@@ -130,6 +130,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         p.error(f"--stop_after_steps must be >= 1, got {args.stop_after_steps}")
+    if args.init_from is not None and args.first_step is None:
+        p.error("--init_from needs --first_step (the earlier run's steps_done: its questions continue, not repeat)")
+    args.first_step = 0 if args.first_step is None else args.first_step
     if args.first_step < 0:
         p.error(f"--first_step must be >= 0, got {args.first_step}")
     if args.init_from is not None and not (args.init_from / "checkpoints").is_dir():
@@ -223,11 +226,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ).vla
     init = None
     if args.init_from is not None:  # shapes are checked key by key: a different size flag fails here, by name
-        load_prismatic_base_checkpoint(vla, args.init_from)
+        load = load_prismatic_base_checkpoint(vla, args.init_from)
+        if load.kept_init_keys != [ACTION_QUERIES_KEY]:  # e.g. a base without its ViTs: not a continuation
+            kept = load.kept_init_keys
+            raise SystemExit(
+                f"--init_from {args.init_from} leaves {len(kept)} tensors at their init ({kept[:3]}...); "
+                "a continuation needs every trained weight"
+            )
         loaded = vla.state_dict()
         init = {
             "path": str(args.init_from),
             "weights_sha256": weights_sha256(loaded, [k for k in loaded if k != ACTION_QUERIES_KEY]),
+            "notes": list(load.notes),
         }
         print(f"continuing from {args.init_from} (weights sha256 {init['weights_sha256'][:12]}...)")
     vla.to(device).train()
