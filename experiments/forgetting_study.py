@@ -228,7 +228,7 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
 
 def _write_json_atomic(path: Path, obj: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")  # the same results, the same bytes
     os.replace(tmp, path)
 
 
@@ -565,7 +565,7 @@ def _merged_closed_loop(old: bytes, new: bytes) -> bytes | None:
     a, b = json.loads(old), json.loads(new)
     if any(a[k] != b[k] for k in set(a) & set(b)):
         return None
-    return (json.dumps(a | b, indent=2) + "\n").encode()
+    return (json.dumps(a | b, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _side_by_side(dest: Path, data: bytes) -> Path | None:
@@ -601,6 +601,9 @@ def cmd_unpack(args: argparse.Namespace) -> dict[str, int]:
                     data = _merged_closed_loop(old, data)
                     if data is None:
                         conflicts.append(f"{name} (a run's result differs)")
+                        continue
+                    if json.loads(data) == json.loads(old):  # the same results in another order
+                        same += 1
                         continue
                 elif name.parts[0] == "logs" or name == PurePosixPath("start.json"):
                     # a later call's log, or a start point measured again on another card: kept side by side
