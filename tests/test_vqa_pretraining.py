@@ -134,3 +134,13 @@ def test_pretraining_is_reproducible_learns_and_writes_a_loadable_base(tmp_path,
     with pytest.raises(SystemExit):
         _pretrain(tmp_path, "unsaid", steps=0, extra=["--init_from", base])  # where its questions continue: unsaid
     assert "needs --first_step" in capsys.readouterr().err
+    # the continuation's question stream: its step 0 asks what run "a" would have asked at step 40
+    objects = [make_example(0, i, "train").objects for i in range(48)]
+    plain_args = script.parse_args(["--output_dir", "x", "--num_scenes", "48", "--batch_size", "8"])
+    cont_args = script.parse_args(["--output_dir", "x", "--num_scenes", "48", "--batch_size", "8", *cont])
+    for step in (0, 3):
+        want_index, want = script.step_questions(plain_args, 40 + step, objects)
+        got_index, got = script.step_questions(cont_args, step, objects)
+        assert np.array_equal(got_index, want_index)
+        assert got == want
+    assert script.step_questions(cont_args, 0, objects)[1] != script.step_questions(plain_args, 0, objects)[1]

@@ -161,6 +161,14 @@ def stop_reason(args: argparse.Namespace, step: int, loop_started: float) -> str
     return None
 
 
+def step_questions(args: argparse.Namespace, step: int, objects: Sequence) -> tuple[np.ndarray, list[tuple]]:
+    """Scene indices and (question, answer, type) of loop step ``step``: drawn from (seed, first_step + step), so
+    a continuation (--init_from, --first_step n) asks at its step 0 what the earlier run would have at step n."""
+    rng = np.random.default_rng([args.seed, args.first_step + step, 0x57E9])
+    index = rng.integers(args.num_scenes, size=args.batch_size)
+    return index, [draw_question(objects[i], rng) for i in index]
+
+
 def _commit() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
@@ -286,9 +294,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if reason is not None:
             tqdm.write(f"{reason} reached after {step} of {args.steps} steps; stopping")
             break
-        rng = np.random.default_rng([args.seed, args.first_step + step, 0x57E9])
-        index = rng.integers(args.num_scenes, size=args.batch_size)
-        qas = [draw_question(objects[i], rng) for i in index]
+        index, qas = step_questions(args, step, objects)
         batch = encoder([q for q, _, _ in qas], [a for _, a, _ in qas]).to(device)
         pixels = normalize_uint8_images(images[torch.from_numpy(index)][:, None].to(device))
         for group in optimizer.param_groups:
