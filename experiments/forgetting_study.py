@@ -44,6 +44,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from experiments.robot.libero.results import write_json_atomic  # noqa: E402
 from experiments.study_stats import craft_rules, paired_bootstrap  # noqa: E402
 from prismatic.vla.datasets.synthetic_vqa import TASK_B_SKILLS  # noqa: E402
 
@@ -226,12 +227,6 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
-def _write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")  # the same results, the same bytes
-    os.replace(tmp, path)
-
-
 def select_runs(plan: list[dict], only: Sequence[str] | None) -> list[dict]:
     if not only:
         return plan
@@ -359,6 +354,12 @@ def task_a_questions_of(entry: dict) -> tuple[int, int]:
     return int(flags["task_a_val_questions"]), int(flags["task_a_seed"])
 
 
+def read_closed_loop(out: Path) -> dict[str, dict]:
+    """closed_loop.json: run id -> its synthetic-suite result ({} before any evaluation)."""
+    path = out / "closed_loop.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def final_checkpoint(out: Path, run: dict) -> Path:
     return out / "runs" / run["run_id"] / f"{run['run_id']}--{run['max_steps']}_chkpt"
 
@@ -370,7 +371,7 @@ def cmd_closed_loop(args: argparse.Namespace) -> dict[str, float]:
     metrics came from another call by ``unpack``) are listed and skipped."""
     out = Path(args.out)
     path = out / "closed_loop.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    results = read_closed_loop(out)
     jobs, runs, missing = [], {}, []
     for run in finished_runs(out, 1) + finished_runs(out, 2):
         done = results.get(run["run_id"], {})
@@ -398,7 +399,7 @@ def cmd_closed_loop(args: argparse.Namespace) -> dict[str, float]:
         total = json.loads((runs[run_id] / "summary.json").read_text())["results"]["total"]
         results[run_id] = {"success": total["success_rate"], "episodes": total["episodes"],
                            "trials_per_task": args.trials, "open_loop_steps": args.open_loop_steps}  # fmt: skip
-        _write_json_atomic(path, results)
+        write_json_atomic(path, results)  # sorted keys: the same results, the same bytes
         print(f"{run_id}: {total['successes']}/{total['episodes']}", flush=True)
 
     report = run_processes(
@@ -422,7 +423,7 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{start_file} measured {start['questions']} task-A questions (seed "
                          f"{start.get('task_a_seed', 0)}), the runs {sorted(asked)}: P1 would compare different "
                          "questions; rerun `start` with the runs' --task_a_questions/--task_a_seed")  # fmt: skip
-    closed = json.loads((out / "closed_loop.json").read_text()) if (out / "closed_loop.json").is_file() else {}
+    closed = read_closed_loop(out)
     by_arm: dict[str, dict[int, dict]] = {}
     for r in runs:
         f = r["final"]
@@ -531,7 +532,7 @@ def plot_results(table: dict, path: Path) -> None:
 def pack_members(out: Path, require_closed_loop: bool) -> list[Path]:
     """What ``pack`` carries: the study's top-level files, logs, and for each finished run (evaluated closed loop,
     if required) its run dir without checkpoints and its evaluation dirs."""
-    closed = json.loads((out / "closed_loop.json").read_text()) if (out / "closed_loop.json").is_file() else {}
+    closed = read_closed_loop(out)
     runs = [r["run_id"] for r in finished_runs(out, 1) + finished_runs(out, 2)]
     if require_closed_loop:
         runs = [r for r in runs if r in closed]
@@ -560,12 +561,12 @@ def cmd_pack(args: argparse.Namespace) -> list[str]:
     return [f.relative_to(out).as_posix() for f in files]
 
 
-def _merged_closed_loop(old: bytes, new: bytes) -> bytes | None:
+def _merged_closed_loop(old: bytes, new: bytes) -> dict | None:
     """Union of two closed_loop.json files, or None if they disagree on a run."""
     a, b = json.loads(old), json.loads(new)
     if any(a[k] != b[k] for k in set(a) & set(b)):
         return None
-    return (json.dumps(a | b, indent=2, sort_keys=True) + "\n").encode()
+    return a | b
 
 
 def _side_by_side(dest: Path, data: bytes) -> Path | None:
@@ -598,13 +599,14 @@ def cmd_unpack(args: argparse.Namespace) -> dict[str, int]:
                     same += 1
                     continue
                 if name == PurePosixPath("closed_loop.json"):
-                    data = _merged_closed_loop(old, data)
-                    if data is None:
+                    merged = _merged_closed_loop(old, data)
+                    if merged is None:
                         conflicts.append(f"{name} (a run's result differs)")
                         continue
-                    if json.loads(data) == json.loads(old):  # the same results in another order
+                    if merged == json.loads(old):  # the same results, perhaps in another order
                         same += 1
                         continue
+                    data = (json.dumps(merged, indent=2, sort_keys=True) + "\n").encode()
                 elif name.parts[0] == "logs" or name == PurePosixPath("start.json"):
                     # a later call's log, or a start point measured again on another card: kept side by side
                     # (the local start.json stays the one analyze reads)
