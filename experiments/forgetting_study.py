@@ -112,6 +112,47 @@ def plan_path(out: str | Path, phase: int) -> Path:
     return Path(out) / f"phase{phase}.json"
 
 
+def base_sha256(base: str | Path) -> str:
+    """sha256 over every file of a task-A base (relative path and bytes, in sorted order).
+
+    Why: the runs name their base by path, and GPU calls unpack a carried base at a fixed path; a plan (and
+    start.json) records this so that a different base at that path is refused instead of silently trained from."""
+    import hashlib
+
+    root = Path(base)
+    if not (root / "checkpoints").is_dir():
+        raise SystemExit(f"{root} is not a task-A base (no checkpoints/ folder)")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def read_plan(out: str | Path, phase: int) -> dict:
+    path = plan_path(out, phase)
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run `plan --phase {phase}` first")
+    return json.loads(path.read_text())
+
+
+def check_base(plan: dict, phase: int) -> None:
+    """Refuse to go on if the base at the plan's path is not the one the plan was made with (plans that predate
+    the fingerprint carry none and are not checked)."""
+    want = plan.get("base_sha256")
+    if want is None:
+        return
+    got = base_sha256(plan["base"])
+    if got != want:
+        raise SystemExit(
+            f"the base at {plan['base']} is not the one phase{phase}.json was planned with (sha256 {got[:12]}... vs "
+            f"{want[:12]}...): put that base there (e.g. unpack its parts) or plan again with --replace"
+        )
+
+
 def cmd_plan(args: argparse.Namespace) -> list[dict]:
     if args.phase == 1:
         arms = phase1_arms()
@@ -136,8 +177,14 @@ def cmd_plan(args: argparse.Namespace) -> list[dict]:
     path = plan_path(args.out, args.phase)
     if path.exists() and not args.replace:
         raise SystemExit(f"{path} exists; pass --replace to write a new plan (finished runs are kept)")
+    sha = base_sha256(args.base)
+    if args.phase == 2 and plan_path(args.out, 1).is_file():
+        first = read_plan(args.out, 1).get("base_sha256")
+        if first is not None and first != sha:
+            raise SystemExit(f"--base {args.base} is not phase 1's base (sha256 {sha[:12]}... vs {first[:12]}...)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"phase": args.phase, "runs": runs}, indent=1) + "\n")
+    doc = {"phase": args.phase, "base": str(args.base), "base_sha256": sha, "runs": runs}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {path}: {len(runs)} runs ({len(arms)} arms x {len(args.seeds)} seeds)")
     return runs
 
@@ -237,7 +284,9 @@ def select_runs(plan: list[dict], only: Sequence[str] | None) -> list[dict]:
 
 
 def cmd_run(args: argparse.Namespace) -> dict:
-    plan = select_runs(json.loads(plan_path(args.out, args.phase).read_text())["runs"], args.only)
+    doc = read_plan(args.out, args.phase)
+    check_base(doc, args.phase)
+    plan = select_runs(doc["runs"], args.only)
     todo = []
     for entry in plan:
         run_dir = Path(args.out) / "runs" / entry["run_id"]
@@ -342,7 +391,8 @@ def cmd_start(args: argparse.Namespace) -> dict:
     values |= task_a_skill_split(values, TASK_B_SKILLS)
     path = Path(args.out) / "start.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"base": str(args.base), "questions": questions, "task_a_seed": seed, **values}
+    record = {"base": str(args.base), "base_sha256": base_sha256(args.base), "questions": questions,
+              "task_a_seed": seed, **values}  # fmt: skip
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(values, indent=2))
     return values
@@ -370,6 +420,9 @@ def cmd_closed_loop(args: argparse.Namespace) -> dict[str, float]:
     Resumable (the eval skips done episodes); finished runs whose final checkpoint is not on this machine (their
     metrics came from another call by ``unpack``) are listed and skipped."""
     out = Path(args.out)
+    for phase in (1, 2):  # the checkpoints are LoRA adapters on the base at the plan's path
+        if plan_path(out, phase).is_file():
+            check_base(read_plan(out, phase), phase)
     path = out / "closed_loop.json"
     results = read_closed_loop(out)
     jobs, runs, missing = [], {}, []
@@ -423,6 +476,19 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{start_file} measured {start['questions']} task-A questions (seed "
                          f"{start.get('task_a_seed', 0)}), the runs {sorted(asked)}: P1 would compare different "
                          "questions; rerun `start` with the runs' --task_a_questions/--task_a_seed")  # fmt: skip
+    planned = {
+        plan_path(out, k).name: read_plan(out, k).get("base_sha256") for k in (1, 2) if plan_path(out, k).is_file()
+    }
+    other = {
+        name: sha
+        for name, sha in planned.items()
+        if None not in (sha, start.get("base_sha256")) and sha != start["base_sha256"]
+    }
+    if other:
+        raise SystemExit(
+            f"{start_file} measured another base than {sorted(other)} (sha256 "
+            f"{start['base_sha256'][:12]}...): P1 would compare different start points; rerun `start`"
+        )
     closed = read_closed_loop(out)
     by_arm: dict[str, dict[int, dict]] = {}
     for r in runs:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -150,6 +151,35 @@ def test_epsilon_and_analysis_from_metrics_files(tiny_base: Path, tmp_path: Path
                     for s in range(3)])  # fmt: skip
     assert imp["mean"] == pytest.approx(want, rel=1e-12)
     assert (tmp_path / "results.md").read_text().count("| ") > 6
+
+
+def test_a_different_base_at_the_plans_path_is_refused(tiny_base: Path, tmp_path: Path):
+    base, out = tmp_path / "base", tmp_path / "study"
+    shutil.copytree(tiny_base, base)
+    common = ["--out", str(out), "--device", "cpu"]
+    study.cmd_plan(study.parse_args(["plan", "--base", str(base), "--arms", "plain", "--seeds", "0", *common]))
+    plan = json.loads((out / "phase1.json").read_text())
+    assert plan["base"] == str(base)
+    assert plan["base_sha256"] == study.base_sha256(tiny_base)  # a copy: same bytes, same fingerprint
+    # nothing would fit before the deadline, so a passing check launches nothing
+    no_time = ["--deadline_unix", str(time.time() + 60), "--expected_run_s", "3600"]
+    assert study.cmd_run(study.parse_args(["run", *no_time, *common]))["left"] == ["plain--s0"]
+
+    weights = sorted((base / "checkpoints").iterdir())[0]
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the weights' file
+    weights.write_bytes(bytes(data))
+    for command in (["run", *no_time], ["closed_loop"]):
+        with pytest.raises(SystemExit, match=f"the base at {base} is not the one phase1.json was planned with"):
+            getattr(study, f"cmd_{command[0]}")(study.parse_args([*command, *common]))
+    (out / "start.json").write_text(json.dumps({"base_sha256": study.base_sha256(base)}))
+    with pytest.raises(SystemExit, match="measured another base than \\['phase1.json'\\]"):
+        study.cmd_analyze(study.parse_args(["analyze", *common]))
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    (out / "start.json").write_text(json.dumps({"base_sha256": study.base_sha256(base)}))
+    with pytest.raises(SystemExit, match="no finished plain run"):  # past the base check
+        study.cmd_analyze(study.parse_args(["analyze", *common]))
 
 
 def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: Path):
