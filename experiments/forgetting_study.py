@@ -287,6 +287,13 @@ def cmd_run(args: argparse.Namespace) -> dict:
     doc = read_plan(args.out, args.phase)
     check_base(doc, args.phase)
     plan = select_runs(doc["runs"], args.only)
+    root = Path(args.out) / "runs"
+    for entry in plan:  # a plan copied from another --out would train where nothing reads (or packs) the runs
+        planned = next(a.split("=", 1)[1] for a in entry["argv"] if a.startswith("--run_root_dir="))
+        if Path(planned).resolve() != root.resolve():
+            raise SystemExit(
+                f"phase{args.phase}.json puts its runs in {planned}, not in {root}: plan again with --out {args.out}"
+            )
     todo = []
     for entry in plan:
         run_dir = Path(args.out) / "runs" / entry["run_id"]

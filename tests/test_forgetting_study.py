@@ -153,7 +153,7 @@ def test_epsilon_and_analysis_from_metrics_files(tiny_base: Path, tmp_path: Path
     assert (tmp_path / "results.md").read_text().count("| ") > 6
 
 
-def test_a_different_base_at_the_plans_path_is_refused(tiny_base: Path, tmp_path: Path):
+def test_a_different_base_or_study_dir_than_planned_is_refused(tiny_base: Path, tmp_path: Path):
     base, out = tmp_path / "base", tmp_path / "study"
     shutil.copytree(tiny_base, base)
     common = ["--out", str(out), "--device", "cpu"]
@@ -164,6 +164,12 @@ def test_a_different_base_at_the_plans_path_is_refused(tiny_base: Path, tmp_path
     # nothing would fit before the deadline, so a passing check launches nothing
     no_time = ["--deadline_unix", str(time.time() + 60), "--expected_run_s", "3600"]
     assert study.cmd_run(study.parse_args(["run", *no_time, *common]))["left"] == ["plain--s0"]
+
+    moved = tmp_path / "moved"  # a plan copied to another study dir still names the first one's runs/
+    moved.mkdir()
+    shutil.copy(out / "phase1.json", moved / "phase1.json")
+    with pytest.raises(SystemExit, match=f"puts its runs in {out / 'runs'}, not in {moved / 'runs'}"):
+        study.cmd_run(study.parse_args(["run", *no_time, "--out", str(moved)]))
 
     weights = sorted((base / "checkpoints").iterdir())[0]
     data = bytearray(weights.read_bytes())
