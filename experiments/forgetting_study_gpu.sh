@@ -2,15 +2,15 @@
 # One GPU call of the forgetting study (docs/STUDY.md, amendment 3): train the chosen runs to the end, evaluate
 # each closed loop, and return their small results; nothing a later call needs stays on the GPU machine.
 #
-# On the CPU machine, once:
+# On the CPU machine, once (unpack the start point at /tmp/vlmA/base first: experiments/start_point/README.md):
 #   python experiments/forgetting_study.py plan --base /tmp/vlmA/base --out runs/study --phase 1 \
 #     --compile_mode reduce-overhead                                     # --base: where this script unpacks it
 #   mkdir -p .carry/study_state && cp runs/study/phase1.json .carry/study_state/
 #   (after the first call's unpack, also cp runs/study/start.json .carry/study_state/: measured once; a start.json
 #   measured again on another card would come back side by side, start.1.json, and not be used)
-# Each call (carry .whl, the base's parts and .carry/study_state):
+# Each call (carry .whl and .carry/study_state; the start point's parts are tracked, experiments/start_point/):
 #   RUN_IDS="$(python experiments/forgetting_study.py todo --out runs/study --phase 1 --limit 8 | tail -1)"
-#   OUT=$OUT BASE_PACK=.carry/base STATE=.carry/study_state RUN_IDS="$RUN_IDS" PARALLEL=8 \
+#   OUT=$OUT BASE_PACK=experiments/start_point/task_a_base STATE=.carry/study_state RUN_IDS="$RUN_IDS" PARALLEL=8 \
 #     bash experiments/forgetting_study_gpu.sh
 # Back on the CPU machine:
 #   python experiments/forgetting_study.py unpack --out runs/study --src <files>/study_call.tgz
