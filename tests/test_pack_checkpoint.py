@@ -66,3 +66,19 @@ def test_round_trip_is_exact_and_references_are_left_out(tiny_base: Path, tmp_pa
         pack_checkpoint.unpack(tmp_path / "ref" / "ck", tmp_path / "noref", [])
     with pytest.raises(SystemExit, match="not empty"):
         pack_checkpoint.unpack(tmp_path / "ref" / "ck", dst, [ref])
+
+
+def test_the_tracked_start_point_unpacks_to_its_documented_fingerprint(tmp_path: Path):
+    """experiments/start_point/ (the study's base, tracked so GPU sessions need not regenerate it) unpacks with the
+    regenerated seeded embedding, every file matching the pack's recorded sha256, to the fingerprint its README and
+    the study's plan name. The reference: the plan's own fingerprint function, over the files written here."""
+    from experiments.forgetting_study import base_sha256
+
+    repo = Path(__file__).resolve().parents[1]
+    ref, base = tmp_path / "ref.pt", tmp_path / "base"
+    pack_checkpoint.main(["seeded-embedding", str(ref)])
+    pack_checkpoint.main(
+        ["unpack", str(repo / "experiments" / "start_point" / "task_a_base"), str(base), "--ref", str(ref)]
+    )
+    assert base_sha256(base) == "f24bb40291e33080c330db22162bf07a39c4f856d41004bdd677e3a668a55078"
+    assert "f24bb402" in (repo / "experiments" / "start_point" / "README.md").read_text()
