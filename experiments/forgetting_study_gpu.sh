@@ -26,8 +26,9 @@
 # Training stops at CALL_LIMIT - EVAL_RESERVE_S - 40 s and evaluation at CALL_LIMIT - 40 s after the start;
 # a run or evaluation cut off there is left out of the pack (pack --require_closed_loop) and rerun later.
 # Each call starts from the carried state alone: an existing STUDY or BASE_DIR is moved aside (<dir>.before-<time>).
-# Comes back under $OUT: study_call.tgz (pack), timeline.txt, env.txt, and start.json + start.log when this call
-# measured the start point. Exit status: pack's.
+# Comes back under $OUT: study_call.tgz (pack), timeline.txt, env.txt, start.json + start.log when this call
+# measured the start point, progress.tgz (every run's log and metrics.jsonl, finished or not: speed; not merged)
+# and, on a GPU, gpu_util.csv (utilisation and memory every 5 s while training and evaluating). Exit status: pack's.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
@@ -63,6 +64,11 @@ if [ ! -f "$STUDY/start.json" ]; then
   else mark "start failed: $(tail -1 "$OUT/start.log")"; fi
 fi
 set -o pipefail
+# GPU load while the runs share the card (how many runs one GPU takes is what the first slices measure)
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > "$OUT/gpu_util.csv" 2>&1 &
+  SMI=$!
+fi
 # shellcheck disable=SC2086  # RUN_IDS is a list
 $S run --out "$STUDY" --phase "$PHASE" --only $RUN_IDS --parallel "${PARALLEL:-4}" \
   --deadline_unix $((T0 + CALL_LIMIT - EVAL_RESERVE_S - 40)) --expected_run_s "${EXPECTED_RUN_S:-0}" 2>&1 \
@@ -72,5 +78,10 @@ $S closed_loop --out "$STUDY" --device "${DEVICE:-cuda}" --trials "${TRIALS:-5}"
   --eval_flags="${EVAL_FLAGS---num_workers 4}" --deadline_unix $((T0 + CALL_LIMIT - 40)) 2>&1 \
   | tee -a "$OUT/timeline.txt"
 mark "evaluation rc=$?"
+[ -n "${SMI:-}" ] && kill "$SMI" 2> /dev/null
 $S pack --out "$STUDY" --dest "$OUT/study_call.tgz" --require_closed_loop 2>&1 | tee -a "$OUT/timeline.txt"
-rc=$?; mark "pack rc=$rc"; exit "$rc"
+rc=$?; mark "pack rc=$rc"
+# Every run's log and metrics, finished or not (not for merging: a stopped run's progress shows its speed)
+(cd "$STUDY" && find . \( -name '*.log' -o -name metrics.jsonl \) -not -path '*_chkpt*' -print0 \
+  | tar czf "$OUT/progress.tgz" --null -T -)
+exit "$rc"
