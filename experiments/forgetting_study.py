@@ -113,21 +113,30 @@ def plan_path(out: str | Path, phase: int) -> Path:
 
 
 def base_sha256(base: str | Path) -> str:
-    """sha256 over every file of a task-A base (relative path and bytes, in sorted order).
+    """sha256 over a task-A base: every file's relative path, then for checkpoints (.pt, .safetensors) their tensor
+    contents (names, dtypes, shapes, bytes: ``pack_checkpoint.file_content_sha256``), for other files their bytes.
 
     Why: the runs name their base by path, and GPU calls unpack a carried base at a fixed path; a plan (and
-    start.json) records this so that a different base at that path is refused instead of silently trained from."""
+    start.json) records this so that a different base at that path is refused instead of silently trained from.
+    Tensor contents, not file bytes: ``pack_checkpoint unpack`` rewrites a .pt with the local ``torch.save``, whose
+    bytes may differ between the machine that plans (CPU) and the one that runs (GPU, another torch)."""
     import hashlib
+    import importlib.util
 
     root = Path(base)
     if not (root / "checkpoints").is_dir():
-        raise SystemExit(f"{root} is not a task-A base (no checkpoints/ folder)")
+        hint = "" if root.exists() else " (missing: unpack the start point there, experiments/start_point/README.md)"
+        raise SystemExit(f"{root} is not a task-A base: no checkpoints/ folder{hint}")
+    spec = importlib.util.spec_from_file_location("pack_checkpoint", REPO / "vla-scripts" / "pack_checkpoint.py")
+    packer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(packer)
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
+        if path.suffix in (".pt", ".safetensors"):
+            digest.update(packer.file_content_sha256(path).encode())
+        else:
+            digest.update(hashlib.sha256(path.read_bytes()).hexdigest().encode())
         digest.update(b"\0")
     return digest.hexdigest()
 
@@ -289,11 +298,10 @@ def cmd_run(args: argparse.Namespace) -> dict:
     plan = select_runs(doc["runs"], args.only)
     root = Path(args.out) / "runs"
     for entry in plan:  # a plan copied from another --out would train where nothing reads (or packs) the runs
-        planned = next(a.split("=", 1)[1] for a in entry["argv"] if a.startswith("--run_root_dir="))
-        if Path(planned).resolve() != root.resolve():
-            raise SystemExit(
-                f"phase{args.phase}.json puts its runs in {planned}, not in {root}: plan again with --out {args.out}"
-            )
+        planned = next((a.split("=", 1)[1] for a in entry["argv"] if a.startswith("--run_root_dir=")), None)
+        if planned is None or Path(planned).resolve() != root.resolve():
+            where = "names no --run_root_dir" if planned is None else f"puts its runs in {planned}"
+            raise SystemExit(f"phase{args.phase}.json {where}, not in {root}: plan again with --out {args.out}")
     todo = []
     for entry in plan:
         run_dir = Path(args.out) / "runs" / entry["run_id"]

@@ -39,7 +39,7 @@ if ! python3 -c "import draccus" 2>/dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-mkdir -p "$OUT"
+mkdir -p "$OUT"; OUT_ABS=$(realpath "$OUT")
 mark() { echo "$* at $(el)s" | tee -a "$OUT/timeline.txt"; }
 CALL_LIMIT=${CALL_LIMIT:-590}; EVAL_RESERVE_S=${EVAL_RESERVE_S:-150}
 STUDY=${STUDY:-runs/study}; BASE_DIR=${BASE_DIR:-/tmp/vlmA/base}; PHASE=${PHASE:-1}
@@ -68,6 +68,7 @@ set -o pipefail
 if command -v nvidia-smi > /dev/null; then
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > "$OUT/gpu_util.csv" 2>&1 &
   SMI=$!
+  trap 'kill "$SMI" 2> /dev/null' EXIT  # also when the call ends early
 fi
 # shellcheck disable=SC2086  # RUN_IDS is a list
 $S run --out "$STUDY" --phase "$PHASE" --only $RUN_IDS --parallel "${PARALLEL:-4}" \
@@ -83,5 +84,5 @@ $S pack --out "$STUDY" --dest "$OUT/study_call.tgz" --require_closed_loop 2>&1 |
 rc=$?; mark "pack rc=$rc"
 # Every run's log and metrics, finished or not (not for merging: a stopped run's progress shows its speed)
 (cd "$STUDY" && find . \( -name '*.log' -o -name metrics.jsonl \) -not -path '*_chkpt*' -print0 \
-  | tar czf "$OUT/progress.tgz" --null -T -)
+  | tar czf "$OUT_ABS/progress.tgz" --null -T -)
 exit "$rc"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Regenerate the forgetting study's start point (docs/STUDY.md, issue 14) on one GPU: two pretraining schedules of
 # vla-scripts/pretrain_synthetic_vlm.py, the second continuing the first (--init_from, questions continuing at step
-# 10,000). On an H100 80GB HBM3 with torch 2.11.0+cu130 (2026-12-07) this gave, bit for bit:
-#   stage 1 (10,000 steps, ~7 min):  weights sha256 a7645e2b...  held-out 0.825
-#   stage 2 (8,000 steps, ~5 min):   weights sha256 f7921b60...  held-out 0.9195  <- the start point
+# 10,000). On H100 80GB HBM3 machines with torch 2.11.0+cu130 (2026-12-06/07), the same stages as two GPU calls of
+# experiments/task_a_gpu_pipeline.sh (same flags; this script itself has only run as a CPU smoke) gave:
+#   stage 1 (10,000 steps, ~7 min):  weights sha256 a7645e2b...  held-out 0.825   (twice, bit for bit)
+#   stage 2 (8,000 steps, ~5 min):   weights sha256 f7921b60...  held-out 0.9195  (once) <- the start point
 # Determinism is promised on the same machine and software only; the script prints each stage's sha256 next to
 # the expected one and says which matched (a different card or torch gives other bits, not an error).
 #   bash experiments/task_a_start_point.sh [OUT_DIR]     (default /tmp/vlmS; the start point is OUT_DIR/stage2/base)
@@ -12,8 +13,8 @@
 # of a flag wins) is for a smoke run, e.g. EXTRA="--steps 3 --num_scenes 64 --num_heldout 32 --llm_layers 2
 # --llm_hidden_size 64 --vit_embed_dims 32 48 --vit_depth 2 --compile_mode off --device cpu".
 set -euo pipefail
+OUT=$(realpath -m "${1:-/tmp/vlmS}")  # before the cd below: a relative OUT_DIR is the caller's
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${1:-/tmp/vlmS}
 for d in "$OUT/stage1" "$OUT/stage2"; do
   [ -e "$d" ] && { echo "error: $d exists; move it away or pick another OUT_DIR (nothing is overwritten)" >&2; exit 1; }
 done

@@ -8,8 +8,10 @@ written here; and two real tiny runs launched, skipped when finished, evaluated 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
+import math
 import shutil
 import tarfile
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import load_script
 
 from experiments import forgetting_study as study
@@ -172,17 +175,21 @@ def test_a_different_base_or_study_dir_than_planned_is_refused(tiny_base: Path, 
         study.cmd_run(study.parse_args(["run", *no_time, "--out", str(moved)]))
 
     weights = sorted((base / "checkpoints").iterdir())[0]
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1  # one bit of the weights' file
-    weights.write_bytes(bytes(data))
+    original = torch.load(weights, map_location="cpu")
+    nudged = copy.deepcopy(original)
+    tensor = next(t for t in nudged["model"]["projector"].values() if t.is_floating_point())
+    tensor.view(-1)[0] = torch.nextafter(tensor.view(-1)[0], torch.tensor(math.inf))  # one weight, one ulp
+    torch.save(nudged, weights)
     for command in (["run", *no_time], ["closed_loop"]):
         with pytest.raises(SystemExit, match=f"the base at {base} is not the one phase1.json was planned with"):
             getattr(study, f"cmd_{command[0]}")(study.parse_args([*command, *common]))
+    (out / "epsilon.json").write_text(json.dumps({"epsilon": {"0.25": 0.01}}))
+    with pytest.raises(SystemExit, match="is not phase 1's base"):
+        study.cmd_plan(study.parse_args(["plan", "--phase", "2", "--base", str(base), "--seeds", "0", *common]))
     (out / "start.json").write_text(json.dumps({"base_sha256": study.base_sha256(base)}))
     with pytest.raises(SystemExit, match="measured another base than \\['phase1.json'\\]"):
         study.cmd_analyze(study.parse_args(["analyze", *common]))
-    data[-1] ^= 1
-    weights.write_bytes(bytes(data))
+    torch.save(original, weights)  # the same tensors again: the fingerprint is over contents, not the file's bytes
     (out / "start.json").write_text(json.dumps({"base_sha256": study.base_sha256(base)}))
     with pytest.raises(SystemExit, match="no finished plain run"):  # past the base check
         study.cmd_analyze(study.parse_args(["analyze", *common]))

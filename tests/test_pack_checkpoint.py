@@ -70,15 +70,22 @@ def test_round_trip_is_exact_and_references_are_left_out(tiny_base: Path, tmp_pa
 
 def test_the_tracked_start_point_unpacks_to_its_documented_fingerprint(tmp_path: Path):
     """experiments/start_point/ (the study's base, tracked so GPU sessions need not regenerate it) unpacks with the
-    regenerated seeded embedding, every file matching the pack's recorded sha256, to the fingerprint its README and
-    the study's plan name. The reference: the plan's own fingerprint function, over the files written here."""
+    regenerated seeded embedding, every file matching the pack's recorded hash, to the fingerprint its README names;
+    loaded through the fine-tuning path its weights have the sha256 that the GPU pretraining run reported (a second,
+    independent hash: pretrain_synthetic_vlm.weights_sha256 over the loaded model's tensors)."""
     from experiments.forgetting_study import base_sha256
+    from prismatic.training.model_setup import load_start_point
 
+    pretrain = load_script("pretrain_synthetic_vlm")
     repo = Path(__file__).resolve().parents[1]
     ref, base = tmp_path / "ref.pt", tmp_path / "base"
     pack_checkpoint.main(["seeded-embedding", str(ref)])
     pack_checkpoint.main(
         ["unpack", str(repo / "experiments" / "start_point" / "task_a_base"), str(base), "--ref", str(ref)]
     )
-    assert base_sha256(base) == "f24bb40291e33080c330db22162bf07a39c4f856d41004bdd677e3a668a55078"
-    assert "f24bb402" in (repo / "experiments" / "start_point" / "README.md").read_text()
+    fingerprint = base_sha256(base)
+    assert fingerprint == "c71927811b5df222f134d90480d7d185dae94fc069519a33b11efd9a9b0379d7"
+    assert fingerprint[:8] in (repo / "experiments" / "start_point" / "README.md").read_text()
+    state = load_start_point(str(base), True, str(base / "hf_config")).vla.state_dict()
+    keys = [k for k in state if k != pretrain.ACTION_QUERIES_KEY]
+    assert pretrain.weights_sha256(state, keys) == "f7921b60158fdb9589560ec16b68a29285a1729e5978951fbb7f11646c86980a"

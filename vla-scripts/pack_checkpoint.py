@@ -70,6 +70,11 @@ def _read(path: Path) -> Any:
     return load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu")
 
 
+def file_content_sha256(path: Path) -> str:
+    """``content_sha256`` of a .pt or .safetensors file: what ``unpack`` checks, the same on any torch version."""
+    return content_sha256(list(_leaves(_read(path))))
+
+
 def load_references(files: Sequence[str | Path]) -> dict[Key, torch.Tensor]:
     """Every tensor of ``files`` by content, plus each float32 tensor's bfloat16 rounding (in bf16 and back in
     float32): a CUDA run keeps frozen base weights in bf16 (prepare_policy), so what it saves of them (e.g. the
