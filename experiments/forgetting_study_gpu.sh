@@ -18,7 +18,8 @@
 # Inputs (environment): BASE_PACK (pack_checkpoint.py prefix of the task-A base, unpacked to BASE_DIR, default
 # /tmp/vlmA/base: the path the plan names), STATE (a folder with the plan files and, if made, start.json and
 # epsilon.json: copied into STUDY, default runs/study), PHASE (1), RUN_IDS (space-separated, required),
-# PARALLEL (finetune.py processes sharing the GPU, default 4), EXPECTED_RUN_S (a run's duration: one that would
+# PARALLEL (finetune.py processes sharing the GPU, default 4), SYNTHETIC_SOURCE_WORKERS (per run; default: the
+# host's cores less two, divided by PARALLEL, at most 6), EXPECTED_RUN_S (a run's duration: one that would
 # end after the training deadline is not started; default 0), CALL_LIMIT (the call's own limit in seconds,
 # default 590), EVAL_RESERVE_S (seconds kept for the closed-loop evaluations, default 150), TRIALS (episodes
 # per synthetic task, default 5), EVAL_PARALLEL (default 4), EVAL_FLAGS (default "--num_workers 4"), DEVICE
@@ -39,12 +40,18 @@ if ! python3 -c "import draccus" 2>/dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+# Each run renders its 1,600 episodes and builds its batches in this many forked workers (the same data and batch
+# order for any count, torch_source.py): serially, rendering alone takes ~110 s per run on one core (measured on
+# the CPU machine, 70 ms per until-success episode). The host's cores, less two, shared by the parallel runs (<= 6).
+WORKERS=$(( ($(nproc) - 2) / ${PARALLEL:-4} )); [ "$WORKERS" -gt 6 ] && WORKERS=6; [ "$WORKERS" -lt 0 ] && WORKERS=0
+export SYNTHETIC_SOURCE_WORKERS="${SYNTHETIC_SOURCE_WORKERS:-$WORKERS}"
 mkdir -p "$OUT"; OUT_ABS=$(realpath "$OUT")
 mark() { echo "$* at $(el)s" | tee -a "$OUT/timeline.txt"; }
 CALL_LIMIT=${CALL_LIMIT:-590}; EVAL_RESERVE_S=${EVAL_RESERVE_S:-150}
 STUDY=${STUDY:-runs/study}; BASE_DIR=${BASE_DIR:-/tmp/vlmA/base}; PHASE=${PHASE:-1}
 S="python3 experiments/forgetting_study.py"
-{ date -u; nvidia-smi -L; git rev-parse HEAD; python3 -c "import torch; print(torch.__version__)"; nproc; } \
+{ date -u; nvidia-smi -L; git rev-parse HEAD; python3 -c "import torch; print(torch.__version__)"; nproc
+  echo "SYNTHETIC_SOURCE_WORKERS=$SYNTHETIC_SOURCE_WORKERS"; } \
   > "$OUT/env.txt" 2>&1
 
 python3 vla-scripts/pack_checkpoint.py seeded-embedding /tmp/ref.pt > /tmp/pack.log 2>&1
