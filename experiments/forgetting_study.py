@@ -304,7 +304,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"phase{args.phase}.json {where}, not in {root}: plan again with --out {args.out}")
     todo = []
     for entry in plan:
-        run_dir = Path(args.out) / "runs" / entry["run_id"]
+        run_dir = root / entry["run_id"]
         state = run_state(run_dir, entry["max_steps"])
         if state == "finished":
             continue
@@ -491,19 +491,13 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{start_file} measured {start['questions']} task-A questions (seed "
                          f"{start.get('task_a_seed', 0)}), the runs {sorted(asked)}: P1 would compare different "
                          "questions; rerun `start` with the runs' --task_a_questions/--task_a_seed")  # fmt: skip
-    planned = {
-        plan_path(out, k).name: read_plan(out, k).get("base_sha256") for k in (1, 2) if plan_path(out, k).is_file()
-    }
-    other = {
-        name: sha
-        for name, sha in planned.items()
-        if None not in (sha, start.get("base_sha256")) and sha != start["base_sha256"]
-    }
-    if other:
-        raise SystemExit(
-            f"{start_file} measured another base than {sorted(other)} (sha256 "
-            f"{start['base_sha256'][:12]}...): P1 would compare different start points; rerun `start`"
-        )
+    for phase in (1, 2):  # records made before the fingerprint existed carry none and are not compared
+        planned = read_plan(out, phase).get("base_sha256") if plan_path(out, phase).is_file() else None
+        if None not in (planned, start.get("base_sha256")) and planned != start["base_sha256"]:
+            raise SystemExit(
+                f"{start_file} measured another base than phase{phase}.json's (sha256 {start['base_sha256'][:12]}... "
+                f"vs {planned[:12]}...): P1 would compare different start points; rerun `start`"
+            )
     closed = read_closed_loop(out)
     by_arm: dict[str, dict[int, dict]] = {}
     for r in runs:
