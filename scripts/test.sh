@@ -6,7 +6,8 @@ bash "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 export TF_CPP_MIN_LOG_LEVEL=3 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 set +e
-"$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
+# --durations: the slowest tests are listed at the end, so a CI log shows where the 15-minute budget goes.
+"$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected no tests: that is not a failure of the code under test.
