@@ -32,7 +32,7 @@ from prismatic.training.craft_utils import CRaFTConfig, CRaFTFeatureExtractor
 from prismatic.training.distributed import DistributedContext, GradientSynchronizer
 from prismatic.training.lr_schedule import build_scheduler
 from prismatic.training.model_setup import StartPoint, build_policy
-from prismatic.training.preparation import prepare_policy
+from prismatic.training.preparation import SpeedOptions, prepare_policy
 from prismatic.training.trainer import PolicyModules, StepSettings, Trainer
 from prismatic.vla.constants import ACTION_TOKEN_BEGIN_IDX, LIBERO, NUM_PATCHES_PER_IMAGE
 from prismatic.vla.datasets.torch_source import random_batch
@@ -84,7 +84,12 @@ def perturb_lora_b(vla: torch.nn.Module, scale: float) -> None:
                 p.copy_(scale * torch.randn(p.shape, generator=gen))
 
 
-def make_policy(base: OpenVLAForActionPrediction, lora_b_scale: float) -> PolicyModules:
+CPU_PREPARATION = SpeedOptions()  # finetune.py's on a CPU: mask-free attention, fused LoRA
+
+
+def make_policy(
+    base: OpenVLAForActionPrediction, lora_b_scale: float, speed: SpeedOptions = CPU_PREPARATION
+) -> PolicyModules:
     """LoRA r4 policy from a copy of ``base`` (seeded: LoRA A, head and projector identical each call)."""
     torch.manual_seed(11)
     modules = build_policy(
@@ -98,20 +103,24 @@ def make_policy(base: OpenVLAForActionPrediction, lora_b_scale: float) -> Policy
         use_proprio=True,
         noise_std=0.0,
     )
-    prepare_policy(modules)  # finetune.py's CPU preparation: mask-free attention, fused LoRA
+    prepare_policy(modules, speed)
     if lora_b_scale:
         perturb_lora_b(modules.vla, lora_b_scale)  # LoRA only: the adapters-off anchor stays the start model
     return modules
 
 
 def make_setup(
-    base: OpenVLAForActionPrediction, craft_config: CRaFTConfig | None, lora_b_scale: float = 0.0, fused: bool = False
+    base: OpenVLAForActionPrediction,
+    craft_config: CRaFTConfig | None,
+    lora_b_scale: float = 0.0,
+    fused: bool = False,
+    speed: SpeedOptions = CPU_PREPARATION,
 ) -> Setup:
     """The policy of :func:`make_policy` in a single-process Trainer (constant LR), CRaFT on if configured.
 
     ``fused``: fused AdamW (finetune.py's CUDA optimizer, which skips non-finite steps on the device)."""
     start_model = copy.deepcopy(base).eval().requires_grad_(False)
-    modules = make_policy(base, lora_b_scale)
+    modules = make_policy(base, lora_b_scale, speed)
     sync = GradientSynchronizer(modules.trainable_parameters(), CTX)
     kind = {"fused": True} if fused else {"foreach": True}
     optimizer = RecordingAdamW(sync.params, lr=LR, weight_decay=WEIGHT_DECAY, eps=ADAM_EPS, **kind)
@@ -398,6 +407,38 @@ def plain_loop(modules: PolicyModules, batches: list[dict]) -> None:
         plain_l1(modules, b).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
+
+
+def test_a_compiled_policy_validates_eagerly(base: OpenVLAForActionPrediction) -> None:
+    """``prepare_policy`` with compile on makes ``Trainer.evaluate`` run the compiled regions eagerly: validation's
+    shapes (batches of 3 where training uses 2, a probe's batch of 1) compile nothing, the metrics (losses,
+    L_ret, the probe's) equal an uncompiled twin's bit for bit (the same eager kernels on the same weights), and
+    compilation is on again afterwards. Without the context, the first call would compile the LLM, the ViT blocks
+    and the head (counted by dynamo's graph counter below)."""
+    from torch._dynamo.utils import counters
+
+    config = CRaFTConfig()
+    eager = make_setup(base, config, lora_b_scale=LORA_B_SCALE)
+    compiled = make_setup(base, config, lora_b_scale=LORA_B_SCALE, speed=SpeedOptions(compile=True))
+    assert compiled.modules.evaluation_context is not None
+    assert eager.modules.evaluation_context is None
+    val = [random_batch(3, prompt_len=12, num_images=NUM_IMAGES, seed=s) for s in (5, 6)]
+
+    def probe(vla: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> dict[str, float]:
+        one = random_batch(1, prompt_len=9, num_images=NUM_IMAGES, seed=7)
+        out = vla(input_ids=one["input_ids"], attention_mask=one["attention_mask"], pixel_values=one["pixel_values"])
+        return {"val/probe_logit_sum": float(out.logits.double().sum())}
+
+    graphs = counters["stats"]["unique_graphs"]
+    got = compiled.trainer.evaluate(val, [probe])
+    assert counters["stats"]["unique_graphs"] == graphs, "validation compiled a graph"
+    want = eager.trainer.evaluate(val, [probe])
+    assert {"val/retention_loss", "val/probe_logit_sum"} <= got.keys()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want), {k: (got[k], want[k]) for k in want}
+    # the stance is restored: a function compiled now is traced (the cheap "eager" backend: no code generated)
+    torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))
+    assert counters["stats"]["unique_graphs"] == graphs + 1
 
 
 def test_craft_off_is_bit_identical_to_a_plain_loop(base: OpenVLAForActionPrediction) -> None:

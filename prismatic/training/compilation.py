@@ -7,7 +7,10 @@ with CUDA graphs ("reduce-overhead") to 180 ms (run E). The first steps pay the 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
+
+import torch
 
 if TYPE_CHECKING:
     from prismatic.training.trainer import PolicyModules
@@ -21,6 +24,18 @@ def uses_cuda_graphs(compile: bool, mode: str) -> bool:
     return compile and mode == "reduce-overhead"
 
 
+def eager_evaluation() -> AbstractContextManager:
+    """The context validation runs in when the policy is compiled: every compiled region runs eagerly inside it.
+
+    Validation and its probes feed shapes training never does (eval mode without gradients, task-A questions
+    in batches of 128 ending in a shorter one): compiled, each new shape recompiled the ViT blocks until dynamo's
+    recompile limit, and with CUDA graphs recorded new graphs, which left an H100 idle for ~40-60 s at a study
+    run's first validation (craft_progress.md, phase 5, slice 1). Eager, the same numbers come from the same
+    modules up to how fused kernels group float sums, and training's compiled graphs are untouched.
+    """
+    return torch.compiler.set_stance("force_eager")
+
+
 def compile_policy(modules: PolicyModules, vision: bool = True, mode: str = "default") -> None:
     """Compile the LLM decoder and the action head, and with ``vision`` every ViT block.
 
@@ -28,7 +43,7 @@ def compile_policy(modules: PolicyModules, vision: bool = True, mode: str = "def
     the per-kernel launch cost that leaves the GPU idle in a compiled step (the Trainer must then be told,
     ``StepSettings.cuda_graphs``); each new input shape records new graphs, so it suits fixed-shape batches.
     CRaFT back-propagates L_ret with ``retain_graph=True``, which compiled backwards with donated buffers refuse,
-    so buffer donation is turned off.
+    so buffer donation is turned off. Validation then runs eagerly (:func:`eager_evaluation`).
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
@@ -45,3 +60,4 @@ def compile_policy(modules: PolicyModules, vision: bool = True, mode: str = "def
         for vit in vla.vision_backbone.vits:
             for block in vit.blocks:
                 block.compile(mode=mode)
+    modules.evaluation_context = eager_evaluation

@@ -36,14 +36,16 @@ from prismatic.training.distributed import DistributedContext, GradientSynchroni
 class PolicyModules:
     """The trainable pieces of a VLA-Adapter policy. ``vla`` may be a PEFT model.
 
-    ``batch_check`` is set by ``prismatic.training.preparation.prepare_policy`` (None: nothing to do): a check of
-    each host batch before it moves to the device.
+    Set by ``prismatic.training.preparation.prepare_policy`` (None: nothing to do): ``batch_check``, a check of
+    each host batch before it moves to the device, and ``evaluation_context``, the context ``Trainer.evaluate``
+    runs in (a compiled policy validates eagerly).
     """
 
     vla: nn.Module
     action_head: nn.Module | None  # None only for a VLM prepared without a head (task-A pretraining)
     proprio_projector: nn.Module | None
     batch_check: Callable[[dict], None] | None = None
+    evaluation_context: Callable[[], contextlib.AbstractContextManager] | None = None
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters inside the VLA: the ones CRaFT's retention loss can reach."""
@@ -323,8 +325,12 @@ class Trainer:
         With CRaFT also ``val/retention_loss``: L_ret against the anchor on the held-out frames (the mean over
         the batches the anchor covers, on every rank; absent when it covers none), read here on the host.
         Each probe (e.g. ``task_a.TaskAValidation``) gets the VLA in eval mode and returns host floats that are
-        merged in as they are (every rank computes the same ones).
+        merged in as they are (every rank computes the same ones). Runs in ``PolicyModules.evaluation_context``.
         """
+        with (self.modules.evaluation_context or contextlib.nullcontext)():
+            return self._evaluate(batches, probes)
+
+    def _evaluate(self, batches: Sequence[dict], probes: Sequence[Probe]) -> dict[str, torch.Tensor]:
         self._set_mode(False)
         sums: dict[str, torch.Tensor] = {}
         ret_sum = ret_count = torch.zeros((), device=self.ctx.device)
