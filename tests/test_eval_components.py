@@ -22,10 +22,16 @@ from experiments.robot.observations import (
     center_crop,
     libero_proprio,
     normalize_proprio,
+    policy_images,
     quat2axisangle,
     rotate_180,
 )
-from experiments.robot.policy import pick_unnorm_key, resolve_checkpoint, to_env_actions
+from experiments.robot.policy import (
+    pick_unnorm_key,
+    resolve_checkpoint,
+    to_env_actions,
+    training_image_preprocessing,
+)
 from prismatic.models.checkpoints import CheckpointError
 from prismatic.vla.datasets.synthetic_task import axisangle_to_quat
 
@@ -184,6 +190,45 @@ def test_resolve_checkpoint_kinds(tmp_path) -> None:
     (run / "finetune_config.json").unlink()
     with pytest.raises(CheckpointError, match="--vlm_path"):
         resolve_checkpoint(run / "r--5_chkpt")
+
+
+def test_torch_source_policies_see_their_training_frames_without_tensorflow(tmp_path) -> None:
+    """A policy trained on the torch synthetic source gets, from the env's first observation of a training
+    episode, exactly the frames the source trained it on (both cameras, bit for bit), by the source's own resize;
+    the RLDS path (JPEG + lanczos3) gives other bytes for the same observation, so the choice matters. A run's
+    ``finetune_config.json`` picks the path; a centre crop, which that source never applies, is refused."""
+    from prismatic.vla.datasets.synthetic_task import PickLiftEnv, episode_rng
+    from prismatic.vla.datasets.torch_source import render_episodes
+
+    seed, index = 3, 5
+    trained = render_episodes([(seed, index, 4, 224)], workers=0)[0]
+    obs = PickLiftEnv().reset(episode_rng(seed, index))
+    images = policy_images(obs, num_images=2, crop=False, image_preprocessing="torch_source")
+    np.testing.assert_array_equal(images[0], trained["images"][0])
+    np.testing.assert_array_equal(images[1], trained["wrist_images"][0])
+    rlds = policy_images(obs, num_images=2, crop=False, image_preprocessing="rlds")
+    assert np.abs(rlds.astype(int) - images.astype(int)).max() > 0
+    with pytest.raises(ValueError, match="never crops"):
+        policy_images(obs, num_images=2, crop=True, image_preprocessing="torch_source")
+    with pytest.raises(ValueError, match="must be one of"):
+        policy_images(obs, num_images=2, crop=False, image_preprocessing="pil")
+
+    from prismatic.training.finetune_config import FinetuneConfig
+    from prismatic.training.run_dir import checkpoint_record, plain_config
+
+    for source, expected in (("synthetic", "torch_source"), ("rlds", "rlds")):
+        cfg = FinetuneConfig(vlm_path=str(tmp_path), data_root_dir=str(tmp_path), data_source=source)
+        ckpt = tmp_path / source / f"{source}--1_chkpt"  # the two records finetune.py writes, as it writes them
+        _touch(ckpt / "training_state" / "finetune_config.json", json.dumps(checkpoint_record(cfg, 1, 1)))
+        _touch(ckpt.parent / "finetune_config.json", json.dumps(plain_config(cfg)))
+        _touch(ckpt / "action_head--1_checkpoint.pt")
+        assert training_image_preprocessing(resolve_checkpoint(ckpt)) == expected
+        (ckpt / "training_state" / "finetune_config.json").unlink()  # an older checkpoint: the run's record
+        assert training_image_preprocessing(resolve_checkpoint(ckpt)) == expected
+    release = tmp_path / "release"
+    for name in ("config.json", "model.safetensors", "action_head--checkpoint.pt"):
+        _touch(release / name)
+    assert training_image_preprocessing(resolve_checkpoint(release)) == "rlds"
 
 
 # -------------------------------------------------------------------------------------------- protocol ----

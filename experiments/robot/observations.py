@@ -3,9 +3,13 @@
 Images: rotate 180 degrees (robosuite renders upside down; the RLDS frames are upright), JPEG round trip with
 TensorFlow's defaults (quality 95, as the RLDS builder stored frames), then the training pipeline's own
 ``decode_and_resize`` (lanczos3, antialias, 224 px, rounded to uint8), then optionally the centre crop that
-stands in for training's random 90%-area crops. Proprio: end-effector position, axis-angle of the end-effector
-quaternion (LIBERO's ``quat2axisangle``, not canonicalized), the two finger joints; normalized with the training
-pipeline's BOUNDS_Q99 function. TensorFlow is imported lazily here only (import torch first).
+stands in for training's random 90%-area crops. A policy trained on the torch synthetic source (``--data_source
+synthetic``) saw no JPEG and torch's antialiased bilinear resize instead (``torch_source.resize_uint8``, never
+cropped): its images take that path (``image_preprocessing="torch_source"``), which needs no TensorFlow.
+
+Proprio: end-effector position, axis-angle of the end-effector quaternion (LIBERO's ``quat2axisangle``, not
+canonicalized), the two finger joints; normalized with the training pipeline's BOUNDS_Q99 function. TensorFlow
+is imported lazily here only (import torch first).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ IMAGE_SIZE = 224
 CENTER_CROP_AREA = 0.9  # training's random-resized-crop area fraction
 PRIMARY_CAMERA = "agentview_image"
 WRIST_CAMERA = "robot0_eye_in_hand_image"
+# How training turned stored frames into model inputs: the RLDS pipeline's, or the torch synthetic source's
+IMAGE_PREPROCESSING = ("rlds", "torch_source")
 
 
 def rotate_180(image: np.ndarray) -> np.ndarray:
@@ -58,12 +64,32 @@ def center_crop(image: np.ndarray, area: float = CENTER_CROP_AREA) -> np.ndarray
     return tf.image.convert_image_dtype(x, tf.uint8, saturate=True)[0].numpy()
 
 
-def policy_images(obs: Mapping[str, Any], num_images: int, crop: bool) -> np.ndarray:
-    """Camera images of one observation in model order (agent view, then wrist) -> uint8 [n, 224, 224, 3]."""
-    keys = (PRIMARY_CAMERA, WRIST_CAMERA)[:num_images]
+def resize_like_torch_source(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """uint8 [H, W, 3] -> the torch synthetic source's resize (antialiased bilinear, no JPEG) -> uint8."""
+    from prismatic.vla.datasets.torch_source import resize_uint8
+
+    return resize_uint8(np.asarray(image)[None], size)[0].numpy()
+
+
+def check_image_preprocessing(image_preprocessing: str, crop: bool) -> None:
+    """Refuse an unknown preprocessing, and a centre crop where training never cropped (the torch source)."""
+    if image_preprocessing not in IMAGE_PREPROCESSING:
+        raise ValueError(f"image preprocessing must be one of {IMAGE_PREPROCESSING}, got {image_preprocessing!r}")
+    if crop and image_preprocessing == "torch_source":
+        raise ValueError(
+            "--center_crop True, but the policy was trained on the torch synthetic source, which never crops its "
+            "images: pass --center_crop False"
+        )
+
+
+def policy_images(obs: Mapping[str, Any], num_images: int, crop: bool, image_preprocessing: str = "rlds") -> np.ndarray:
+    """Camera images of one observation in model order (agent view, then wrist) -> uint8 [n, 224, 224, 3],
+    preprocessed as the policy's training data were (``"rlds"`` or ``"torch_source"``, module docstring)."""
+    check_image_preprocessing(image_preprocessing, crop)
+    resize = resize_like_rlds if image_preprocessing == "rlds" else resize_like_torch_source
     out = []
-    for key in keys:
-        image = resize_like_rlds(rotate_180(obs[key]))
+    for key in (PRIMARY_CAMERA, WRIST_CAMERA)[:num_images]:
+        image = resize(rotate_180(obs[key]))
         out.append(center_crop(image) if crop else image)
     return np.stack(out)
 

@@ -10,7 +10,9 @@ Checkpoints (``resolve_checkpoint``):
 
 ``VLAPolicy.act`` turns raw observations of any number of workers into one ``predict_action`` call and returns
 environment actions: the first ``num_open_loop_steps`` actions of each chunk, un-normalized with the
-checkpoint's statistics, gripper mapped 2g - 1 -> sign -> invert (FACTS.md 1.7-1.8).
+checkpoint's statistics, gripper mapped 2g - 1 -> sign -> invert (FACTS.md 1.7-1.8). Images are preprocessed
+as the checkpoint's training data were (``training_image_preprocessing``: the torch synthetic source's resize for
+runs trained with ``--data_source synthetic``, else the RLDS pipeline's).
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments.robot.observations import libero_proprio, normalize_proprio, policy_images
+from experiments.robot.observations import (
+    check_image_preprocessing,
+    libero_proprio,
+    normalize_proprio,
+    policy_images,
+)
 from prismatic.extern.hf.processing_prismatic import (
     PREPROCESSOR_CONFIG_NAME,
     PrismaticImageProcessor,
@@ -40,6 +47,7 @@ from prismatic.models.checkpoints import (
     has_hf_model_files,
     load_vla_release,
 )
+from prismatic.training.run_dir import RunDirRefused, checkpoint_config
 from prismatic.vla.prompting import PromptTokenizer
 from prismatic.vla.tokenizer import load_qwen_tokenizer, tokenizer_files
 
@@ -97,6 +105,17 @@ def resolve_checkpoint(path: str | Path, vlm_path: str = "", config_file_path: s
     return ResolvedCheckpoint(path, base, Path(config_file_path) if config_file_path else None, "lora")
 
 
+def training_image_preprocessing(checkpoint: ResolvedCheckpoint) -> str:
+    """How the checkpoint's training turned frames into images: ``"torch_source"`` for a run of ``finetune.py``
+    with ``--data_source synthetic`` (the flags its checkpoint records, else its run's ``finetune_config.json``),
+    else ``"rlds"`` (release dirs and merged checkpoints: upstream's pipeline)."""
+    try:
+        flags, _ = checkpoint_config(checkpoint.path, checkpoint.path.parent)
+    except RunDirRefused:  # not a run checkpoint
+        return "rlds"
+    return "torch_source" if flags.get("data_source") == "synthetic" else "rlds"
+
+
 def pick_unnorm_key(norm_stats: Mapping[str, Any] | None, suite: str, requested: str = "") -> str:
     """Upstream's rule: the requested key, else the suite name, else ``<suite>_no_noops``; must exist."""
     available = sorted(norm_stats or {})
@@ -132,7 +151,9 @@ class VLAPolicy:
         num_open_loop_steps: int,
         device: torch.device,
         dtype: torch.dtype,
+        image_preprocessing: str = "rlds",
     ) -> None:
+        check_image_preprocessing(image_preprocessing, center_crop)
         if use_proprio and loaded.proprio_projector is None:
             raise CheckpointError(f"--use_proprio True, but {loaded.source} has no proprio_projector--*.pt")
         self.loaded = loaded
@@ -141,6 +162,7 @@ class VLAPolicy:
         self.unnorm_key = unnorm_key
         self.use_proprio = use_proprio
         self.center_crop = center_crop
+        self.image_preprocessing = image_preprocessing
         self.num_open_loop_steps = num_open_loop_steps
         self.device, self.dtype = device, dtype
         self.model = base_model(loaded.vla)
@@ -162,7 +184,12 @@ class VLAPolicy:
         num_open_loop_steps: int = 8,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        image_preprocessing: str = "auto",
     ) -> VLAPolicy:
+        """``image_preprocessing``: "auto" (``training_image_preprocessing``), "rlds" or "torch_source"."""
+        if image_preprocessing == "auto":
+            image_preprocessing = training_image_preprocessing(checkpoint)
+        check_image_preprocessing(image_preprocessing, center_crop)  # before the weights load
         loaded = load_vla_release(
             checkpoint.path,
             base_model_dir=checkpoint.base_model_dir,
@@ -198,6 +225,7 @@ class VLAPolicy:
             num_open_loop_steps=num_open_loop_steps,
             device=torch.device(device),
             dtype=dtype,
+            image_preprocessing=image_preprocessing,
         )
 
     @property
@@ -206,7 +234,9 @@ class VLAPolicy:
 
     def model_inputs(self, observations: Sequence[Mapping[str, Any]], instructions: Sequence[str]) -> dict[str, Any]:
         """Prompt ids, pixel values and normalized proprio for a batch (CPU tensors)."""
-        images = np.stack([policy_images(obs, self.num_images, self.center_crop) for obs in observations])
+        images = np.stack(
+            [policy_images(obs, self.num_images, self.center_crop, self.image_preprocessing) for obs in observations]
+        )
         pixels = normalize_uint8_images(
             torch.from_numpy(images), self.image_processor.normalize_means, self.image_processor.normalize_stds
         )

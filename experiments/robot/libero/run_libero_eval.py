@@ -58,6 +58,7 @@ from experiments.robot.libero.workers import (  # noqa: E402
     WorkerPool,
     default_num_workers,
 )
+from experiments.robot.observations import IMAGE_PREPROCESSING  # noqa: E402
 from experiments.robot.policy import ResolvedCheckpoint, VLAPolicy, resolve_checkpoint  # noqa: E402
 
 SUITES = (*LIBERO_SUITES, "synthetic")
@@ -114,6 +115,8 @@ class GenerateConfig:
     vlm_path: str = ""                      # base VLM of a LoRA-only checkpoint (default: its finetune_config)
     config_file_path: str = ""              # HF config dir for a Prismatic base run dir
     run_dir: str = ""                       # results dir (default: derived under local_log_dir, see docstring)
+    image_preprocessing: str = "auto"       # auto (as the checkpoint's training data: torch_source for runs with
+                                            # --data_source synthetic, else rlds) | rlds | torch_source
     # fmt: on
 
 
@@ -148,6 +151,10 @@ def validate(cfg: GenerateConfig) -> None:
         raise ValueError("--num_steps_wait and --num_workers must be >= 0, --max_steps >= 1")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"--dtype must be auto, bfloat16 or float32, got {cfg.dtype!r}")
+    if cfg.image_preprocessing not in ("auto", *IMAGE_PREPROCESSING):
+        raise ValueError(
+            f"--image_preprocessing must be auto or one of {IMAGE_PREPROCESSING}, got {cfg.image_preprocessing!r}"
+        )
     if "image_aug" in cfg.pretrained_checkpoint and not cfg.center_crop:
         raise ValueError(
             "the checkpoint was trained with image augmentation ('image_aug' in its path): keep --center_crop True"
@@ -214,6 +221,7 @@ def run_identity(
     max_steps: int,
     device: torch.device,
     dtype: torch.dtype,
+    image_preprocessing: str,
 ) -> dict[str, Any]:
     """Everything that can change an episode's outcome (the run dir is named after its hash).
 
@@ -228,6 +236,7 @@ def run_identity(
         "max_steps": max_steps,
         "policy_device": device.type,
         "policy_dtype": str(dtype).removeprefix("torch."),
+        "image_preprocessing": image_preprocessing,
         **{
             name: getattr(cfg, name)
             for name in (
@@ -341,6 +350,7 @@ def evaluate(cfg: GenerateConfig, show_progress: bool = True) -> dict[str, Any]:
             num_open_loop_steps=cfg.num_open_loop_steps,
             device=device,
             dtype=dtype,
+            image_preprocessing=cfg.image_preprocessing,
         )
         try:
             description = pool.request(0, {"cmd": "describe", "suite": cfg.task_suite_name})
@@ -358,7 +368,9 @@ def evaluate(cfg: GenerateConfig, show_progress: bool = True) -> dict[str, Any]:
             )
         plan = make_plan(cfg, description["tasks"])
         max_steps = cfg.max_steps or description["max_steps"]
-        identity = run_identity(cfg, checkpoint, policy.unnorm_key, max_steps, device, dtype)
+        identity = run_identity(
+            cfg, checkpoint, policy.unnorm_key, max_steps, device, dtype, policy.image_preprocessing
+        )
         run_dir = prepare_run_dir(cfg, identity)
         episode_log = EpisodeLog(run_dir / "episodes.jsonl")
         done = episode_log.read()
@@ -367,7 +379,8 @@ def evaluate(cfg: GenerateConfig, show_progress: bool = True) -> dict[str, Any]:
         log = TextLog(
             run_dir / (log_name + (f"--{cfg.run_id_note}" if cfg.run_id_note else "") + ".txt"), show_progress
         )
-        log(f"Checkpoint: {checkpoint.path} ({checkpoint.kind}); unnorm key {policy.unnorm_key!r}; policy on "
+        log(f"Checkpoint: {checkpoint.path} ({checkpoint.kind}); unnorm key {policy.unnorm_key!r}; images "
+            f"preprocessed as {policy.image_preprocessing!r} training data; policy on "
             f"{device} ({dtype}); simulator {description['versions']} (Python {description['python']})")  # fmt: skip
         log(f"Run dir: {run_dir}; {len(plan.episodes)} episodes planned, {len(plan.episodes) - len(pending)} already "
             f"done, {len(pending)} to run on {min(num_workers, len(pending))} workers; "
