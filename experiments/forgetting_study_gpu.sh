@@ -2,23 +2,21 @@
 # One GPU call of the forgetting study (docs/STUDY.md, amendment 3): train the chosen runs to the end, evaluate
 # each closed loop, and return their small results; nothing a later call needs stays on the GPU machine.
 #
-# On the CPU machine, once (unpack the start point at /tmp/vlmA/base first: experiments/start_point/README.md):
-#   python experiments/forgetting_study.py plan --base /tmp/vlmA/base --out runs/study --phase 1 \
-#     --compile_mode reduce-overhead                                     # --base: where this script unpacks it
-#   mkdir -p .carry/study_state && cp runs/study/phase1.json .carry/study_state/
-#   (after the first call's unpack, also cp runs/study/start.json .carry/study_state/: measured once; a start.json
-#   measured again on another card would come back side by side, start.1.json, and not be used)
-# Each call (carry .whl and .carry/study_state; the start point's parts are tracked, experiments/start_point/):
-#   RUN_IDS="$(python experiments/forgetting_study.py todo --out runs/study --phase 1 --limit 8 | tail -1)"
-#   OUT=$OUT BASE_PACK=experiments/start_point/task_a_base STATE=.carry/study_state RUN_IDS="$RUN_IDS" PARALLEL=8 \
+# The plan and start.json are tracked in experiments/study_state/ (its README: how they were made). On the CPU
+# machine, once per checkout: mkdir -p runs/study && cp experiments/study_state/*.json runs/study/
+# Each call (carry .whl; the start point's parts and the state are tracked):
+#   RUN_IDS="$(python experiments/forgetting_study.py todo --out runs/study --phase 1 --limit 1 | tail -1)"
+#   OUT=$OUT BASE_PACK=experiments/start_point/task_a_base STATE=experiments/study_state RUN_IDS="$RUN_IDS" \
 #     bash experiments/forgetting_study_gpu.sh
+# (one run per call on one GPU: a run alone takes ~345 s of training, and two sharing an H100 step at half speed
+# each, measured 2026-12-07; docs/STUDY.md amendment 4)
 # Back on the CPU machine:
 #   python experiments/forgetting_study.py unpack --out runs/study --src <files>/study_call.tgz
 #
 # Inputs (environment): BASE_PACK (pack_checkpoint.py prefix of the task-A base, unpacked to BASE_DIR, default
 # /tmp/vlmA/base: the path the plan names), STATE (a folder with the plan files and, if made, start.json and
 # epsilon.json: copied into STUDY, default runs/study), PHASE (1), RUN_IDS (space-separated, required),
-# PARALLEL (finetune.py processes sharing the GPU, default 4), SYNTHETIC_SOURCE_WORKERS (per run; default: the
+# PARALLEL (finetune.py processes sharing the GPU, default 1), SYNTHETIC_SOURCE_WORKERS (per run; default: the
 # host's cores less two, divided by PARALLEL, at most 6), EXPECTED_RUN_S (a run's duration: one that would
 # end after the training deadline is not started; default 0), CALL_LIMIT (the call's own limit in seconds,
 # default 590), EVAL_RESERVE_S (seconds kept for the closed-loop evaluations, default 150), TRIALS (episodes
@@ -43,7 +41,7 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 WANDB_MOD
 # Each run renders its 1,600 episodes and builds its batches in this many forked workers (the same data and batch
 # order for any count, torch_source.py): serially, rendering alone takes ~110 s per run on one core (measured on
 # the CPU machine, 70 ms per until-success episode). The host's cores, less two, shared by the parallel runs (<= 6).
-WORKERS=$(( ($(nproc) - 2) / ${PARALLEL:-4} )); [ "$WORKERS" -gt 6 ] && WORKERS=6; [ "$WORKERS" -lt 0 ] && WORKERS=0
+WORKERS=$(( ($(nproc) - 2) / ${PARALLEL:-1} )); [ "$WORKERS" -gt 6 ] && WORKERS=6; [ "$WORKERS" -lt 0 ] && WORKERS=0
 export SYNTHETIC_SOURCE_WORKERS="${SYNTHETIC_SOURCE_WORKERS:-$WORKERS}"
 mkdir -p "$OUT"; OUT_ABS=$(realpath "$OUT")
 mark() { echo "$* at $(el)s" | tee -a "$OUT/timeline.txt"; }
@@ -78,7 +76,7 @@ if command -v nvidia-smi > /dev/null; then
   trap 'kill "$SMI" 2> /dev/null' EXIT  # also when the call ends early
 fi
 # shellcheck disable=SC2086  # RUN_IDS is a list
-$S run --out "$STUDY" --phase "$PHASE" --only $RUN_IDS --parallel "${PARALLEL:-4}" \
+$S run --out "$STUDY" --phase "$PHASE" --only $RUN_IDS --parallel "${PARALLEL:-1}" \
   --deadline_unix $((T0 + CALL_LIMIT - EVAL_RESERVE_S - 40)) --expected_run_s "${EXPECTED_RUN_S:-0}" 2>&1 \
   | tee -a "$OUT/timeline.txt"
 mark "training rc=$?"
