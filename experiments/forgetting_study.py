@@ -45,7 +45,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from experiments.robot.libero.results import write_json_atomic  # noqa: E402
-from experiments.study_stats import craft_rules, paired_bootstrap  # noqa: E402
+from experiments.study_stats import craft_rules, epsilon_order_rule, paired_bootstrap  # noqa: E402
 from prismatic.vla.datasets.synthetic_vqa import TASK_B_SKILLS  # noqa: E402
 
 # A CRaFT monitor: L_ret is computed and validated, lambda stays 0 and nothing is projected.
@@ -364,26 +364,33 @@ def cmd_epsilon(args: argparse.Namespace) -> dict:
     if not plain or len(plain) < expected:
         raise SystemExit(f"{len(plain)} of {expected} plain runs finished: epsilon needs all of them")
     ret = float(np.median([r["final"]["val/retention_loss"] for r in plain]))
-    plain_l1 = float(np.median([r["final"]["val/loss"] for r in plain]))
-    l2sp = {}
-    for w in L2SP_WEIGHTS:
-        l1 = [r["final"]["val/loss"] for r in runs if r["arm"] == f"l2sp_{w:g}"]
-        if l1:
-            l2sp[f"{w:g}"] = float(np.median(l1))
-    within = [w for w, l1 in l2sp.items() if l1 <= 1.05 * plain_l1]
-    chosen = max(within, key=float) if within else None  # the strongest pull that keeps task B (L1 within 5%)
     result = {
         "plain_median_retention": ret,
         "epsilon": {f"{f:g}": f * ret for f in EPSILON_FRACTIONS},
-        "plain_median_val_l1": plain_l1,
-        "l2sp_median_val_l1": l2sp,
-        "l2sp_weight": chosen,
-        "rule": "epsilon = fraction x median final held-out L_ret of plain; L2-SP = largest weight whose median "
-        "val L1 <= 1.05 x plain's (task B alone, no task-A metric read)",
+        "plain_runs": sorted(r["run_id"] for r in plain),
+        "rule": "epsilon = fraction x median final held-out L_ret of plain (no task-A metric read)",
     }
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result
+
+
+def choose_l2sp(runs: Sequence[dict]) -> dict:
+    """Amendment 2's L2-SP strength, from task B alone: the largest weight whose median validation L1 is within
+    5% of plain's. Made at analysis time from the finished runs (amendment 4 runs L2-SP after epsilon is fixed)."""
+    plain_l1 = float(np.median([r["final"]["val/loss"] for r in runs if r["arm"] == "plain"]))
+    medians = {}
+    for w in L2SP_WEIGHTS:
+        l1 = [r["final"]["val/loss"] for r in runs if r["arm"] == f"l2sp_{w:g}"]
+        if l1:
+            medians[f"{w:g}"] = float(np.median(l1))
+    within = [w for w, l1 in medians.items() if l1 <= 1.05 * plain_l1]
+    return {"weight": max(within, key=float) if within else None, "median_val_l1": medians,
+            "plain_median_val_l1": plain_l1}  # fmt: skip
+
+
+def planned_runs(out: Path) -> list[str]:
+    return [r["run_id"] for phase in (1, 2) if plan_path(out, phase).is_file() for r in read_plan(out, phase)["runs"]]
 
 
 def cmd_start(args: argparse.Namespace) -> dict:
@@ -530,11 +537,16 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
     b_key = "success" if use_success else "val_l1"
     better = (lambda a, b: a > b) if use_success else (lambda a, b: a < b)
     eps_file = out / "epsilon.json"
+    l2sp = choose_l2sp(runs)
+    missing = sorted(set(planned_runs(out)) - {r["run_id"] for r in runs})
+    seeds = sorted({r["seed"] for r in runs})
+    # a verdict only on a complete set of planned runs (amendment 4b); before that, the table alone
+    complete = not missing and plan_path(out, 2).is_file()
     verdicts = {}
-    if eps_file.is_file() and "frozen" in table:
+    if complete and eps_file.is_file() and "frozen" in table:
         eps = json.loads(eps_file.read_text())
         gap = table["plain"]["p1"] - table["frozen"]["p1"]
-        simpler = [a for a in table if a.startswith("fixed_lambda_") or a == f"l2sp_{eps.get('l2sp_weight')}"]
+        simpler = [a for a in table if a.startswith("fixed_lambda_") or a == f"l2sp_{l2sp['weight']}"]
         for arm, row in table.items():
             if "@" not in arm:
                 continue
@@ -552,8 +564,20 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
                 b_metric_is_success=use_success,
                 beaten_by=beaten,
             )
-            verdicts[arm] = {"works": all(c.holds for c in checks), "checks": [c.__dict__ for c in checks]}
-    result = {"start": start, "arms": table, "verdicts": verdicts, "p2": b_key,
+            family = arm.split("@")[0]
+            pair = sorted(
+                (a for a in by_arm if a.split("@")[0] == family and "@" in a), key=lambda a: float(a.split("@")[1])
+            )
+            order = None
+            if len(pair) == 2:  # P1 drop at the tighter epsilon minus the looser's, paired over seeds
+                tight, loose = ({s: v["p1"] for s, v in by_arm[a].items()} for a in pair)
+                order = paired_bootstrap(tight, loose)
+            checks.append(epsilon_order_rule(order))
+            undecided = [c.rule for c in checks if c.holds is None]
+            works = None if undecided else all(c.holds for c in checks)  # an undecidable rule decides nothing
+            verdicts[arm] = {"works": works, "undecided": undecided, "checks": [c.__dict__ for c in checks]}
+    result = {"start": start, "arms": table, "verdicts": verdicts, "p2": b_key, "l2sp": l2sp,
+              "complete": complete, "missing_runs": missing, "seeds": seeds,
               "uninformative": table["plain"]["p1"] < 0.03}  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown(result))
@@ -578,8 +602,21 @@ def results_markdown(result: dict) -> str:
                      f"{row['val_l1']:.4f} | {row['success']:.3f} | {row['retention']:.4g} | {ci} |")  # fmt: skip
     if result["uninformative"]:
         lines += ["", "**Uninformative**: plain forgets fewer than 3 points on P1 (docs/STUDY.md section 6)."]
+    l2sp = result["l2sp"]
+    lines += [
+        "",
+        f"L2-SP strength in rule 4: {l2sp['weight'] or 'none'} (median val L1 per weight "
+        f"{l2sp['median_val_l1']}, plain {l2sp['plain_median_val_l1']:.4g}; within 5% of plain qualifies).",
+    ]
+    if not result["complete"]:
+        lines += ["", f"**No verdict yet**: {len(result['missing_runs'])} planned run(s) unfinished or no phase-2 "
+                  "plan (docs/STUDY.md amendment 4b); the table shows what has finished."]  # fmt: skip
+    label = f"{len(result['seeds'])} seeds"
+    if len(result["seeds"]) < 5:
+        label += "; a paired CI over so few seeds excludes 0 only when every paired difference has the same sign"
     for arm, v in result["verdicts"].items():
-        lines += ["", f"**{arm}**: {'works' if v['works'] else 'does not work'} by the pre-registered rules"]
+        verdict = {True: "works", False: "does not work", None: "undecided (rules " + ", ".join(v["undecided"]) + ")"}
+        lines += ["", f"**{arm}**: {verdict[v['works']]} by the pre-registered rules ({label})"]
         lines += [f"- rule {c['rule']}: {c['holds']} ({c['detail']})" for c in v["checks"]]
     return "\n".join(lines) + "\n"
 

@@ -8,8 +8,8 @@
 #   RUN_IDS="$(python experiments/forgetting_study.py todo --out runs/study --phase 1 --limit 1 | tail -1)"
 #   OUT=$OUT BASE_PACK=experiments/start_point/task_a_base STATE=experiments/study_state RUN_IDS="$RUN_IDS" \
 #     bash experiments/forgetting_study_gpu.sh
-# (one run per call on one GPU: a run alone takes ~345 s of training, and two sharing an H100 step at half speed
-# each, measured 2026-12-07; docs/STUDY.md amendment 4)
+# (one run per call on one GPU: a run alone ends its training ~342 s into the call, and two sharing an H100 step
+# at half speed each, measured 2026-12-07; docs/STUDY.md amendment 4)
 # Back on the CPU machine:
 #   python experiments/forgetting_study.py unpack --out runs/study --src <files>/study_call.tgz
 #

@@ -60,7 +60,8 @@ def craft_rules(
     b_metric_is_success: bool,
     beaten_by: Sequence[str],
 ) -> list[RuleCheck]:
-    """Rules 1-4 of docs/STUDY.md section 6 for one CRaFT arm at one epsilon (rule 5 compares epsilons).
+    """Rules 1-4 of docs/STUDY.md section 6 for one CRaFT arm at one epsilon (rule 5, across epsilons:
+    :func:`epsilon_order_rule`).
 
     ``p1_improvement``: plain's P1 drop minus the arm's, paired over seeds (> 0: the arm forgets less).
     ``b_metric_*``: task-B closed-loop success (higher is better) or validation L1 (lower is better).
@@ -99,3 +100,15 @@ def craft_rules(
         )
     )
     return checks
+
+
+def epsilon_order_rule(tight_minus_loose_p1: PairedDifference | None) -> RuleCheck:
+    """Rule 5 of docs/STUDY.md section 6: the tighter budget retains at least as much, within CIs. Given the P1
+    drop of the tighter-epsilon arm minus the looser one's (paired over seeds), it fails only when that CI lies
+    wholly above 0 (the tighter budget forgets more); None when one of the two arms has no finished run."""
+    rule = "5: retention ordered by epsilon"
+    if tight_minus_loose_p1 is None:
+        return RuleCheck(rule, None, "the same arm at the other epsilon has no finished run")
+    d = tight_minus_loose_p1
+    detail = f"P1 drop at the tighter epsilon minus the looser {d.mean:.4g} (CI {d.low:.4g}..{d.high:.4g})"
+    return RuleCheck(rule, not d.low > 0, detail)

@@ -11,6 +11,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +38,8 @@ from experiments.robot.policy import (
 )
 from prismatic.models.checkpoints import CheckpointError
 from prismatic.vla.datasets.synthetic_task import axisangle_to_quat
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------- proprio -----
@@ -229,6 +235,26 @@ def test_torch_source_policies_see_their_training_frames_without_tensorflow(tmp_
     for name in ("config.json", "model.safetensors", "action_head--checkpoint.pt"):
         _touch(release / name)
     assert training_image_preprocessing(resolve_checkpoint(release)) == "rlds"
+
+
+def test_the_torch_source_image_path_runs_where_tensorflow_cannot_be_imported() -> None:
+    """The GPU image has no TensorFlow (a study run's evaluation failed on it): in a process where importing it
+    fails, the torch-source path still preprocesses an observation, while the RLDS path does need it."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["tensorflow"] = None  # any import of it now raises ModuleNotFoundError
+        from experiments.robot.observations import policy_images
+        from prismatic.vla.datasets.synthetic_task import PickLiftEnv, episode_rng
+        obs = PickLiftEnv().reset(episode_rng(0, 0))
+        print(policy_images(obs, 2, False, "torch_source").shape)
+        try:
+            policy_images(obs, 2, False, "rlds")
+        except ModuleNotFoundError:
+            print("rlds needs tensorflow")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["(2, 224, 224, 3)", "rlds needs tensorflow"]
 
 
 # -------------------------------------------------------------------------------------------- protocol ----

@@ -260,6 +260,15 @@ def test_offline_merge_tool_makes_a_release_dir(reference_run: Path, tiny_base: 
         for p in (merged, lora)
     ]  # fmt: skip
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)  # merge re-associates W x + B A x
+    # the training flags go along, so the eval preprocesses images as in training wherever the merged dir lives
+    from experiments.robot.policy import resolve_checkpoint, training_image_preprocessing
+    from prismatic.training.run_dir import checkpoint_config
+
+    assert checkpoint_config(out, out.parent)[0] == checkpoint_config(ckpt, reference_run)[0]
+    source = json.loads((reference_run / "finetune_config.json").read_text())["data_source"]
+    assert training_image_preprocessing(resolve_checkpoint(out)) == (
+        "torch_source" if source == "synthetic" else "rlds"
+    )
 
 
 def test_validation_and_offline_wandb(tiny_base: Path, tmp_path: Path) -> None:

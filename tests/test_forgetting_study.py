@@ -140,7 +140,7 @@ def test_epsilon_and_analysis_from_metrics_files(tiny_base: Path, tmp_path: Path
     eps = study.cmd_epsilon(study.parse_args(["epsilon", "--out", str(tmp_path)]))
     plain_ret = np.median([truth[("plain", s)]["val/retention_loss"] for s in range(3)])
     assert eps["epsilon"]["0.25"] == pytest.approx(0.25 * plain_ret, rel=1e-12)
-    assert eps["l2sp_weight"] == "0.01"  # 0.104 + seed noise stays within 1.05 x plain's 0.101; 0.2 does not
+    assert "l2sp_weight" not in eps  # chosen at analysis (amendment 4 runs L2-SP after epsilon is fixed)
     with pytest.raises(SystemExit, match="fixed once"):
         study.cmd_epsilon(study.parse_args(["epsilon", "--out", str(tmp_path)]))
 
@@ -154,6 +154,36 @@ def test_epsilon_and_analysis_from_metrics_files(tiny_base: Path, tmp_path: Path
                     for s in range(3)])  # fmt: skip
     assert imp["mean"] == pytest.approx(want, rel=1e-12)
     assert (tmp_path / "results.md").read_text().count("| ") > 6
+    assert result["l2sp"]["weight"] == "0.01"  # 0.104 + seed noise stays within 1.05 x plain's 0.101; 0.2 does not
+    # no phase-2 plan yet: the table, but no verdict (amendment 4b)
+    assert not result["complete"]
+    assert result["verdicts"] == {}
+    assert "No verdict yet" in (tmp_path / "results.md").read_text()
+
+    # phase 2: craft at both epsilons; the tighter budget forgets more on every seed, so rule 5 fails for both
+    crafts = study.cmd_plan(_args(tmp_path, tiny_base, "--phase", "2", "--seeds", "0", "1", "2", "--steps", "8",
+                                  "--arms", "craft@0.25", "craft@0.5"))  # fmt: skip
+    drop = {"craft@0.25": [0.30, 0.25, 0.35], "craft@0.5": [0.10, 0.20, 0.15]}
+    for r in crafts:
+        final = {"val/loss": 0.1, "val/retention_loss": 0.001, "val/task_a_needed": 0.8,
+                 "val/task_a_not_needed": 0.95 - drop[r["arm"]][r["seed"]]}  # fmt: skip
+        _write_run(tmp_path, r["run_id"], 8, final)
+    (tmp_path / "runs" / "frozen--s1" / "metrics.jsonl").unlink()  # one planned run unfinished: still no verdict
+    assert study.cmd_analyze(study.parse_args(["analyze", "--out", str(tmp_path)]))["verdicts"] == {}
+    final = truth[("frozen", 1)]
+    (tmp_path / "runs" / "frozen--s1" / "metrics.jsonl").write_text(
+        json.dumps({"step": 4}) + "\n" + json.dumps({"step": 8, **final}) + "\n"
+    )
+    result = study.cmd_analyze(study.parse_args(["analyze", "--out", str(tmp_path)]))
+    assert result["complete"]
+    assert sorted(result["verdicts"]) == ["craft@0.25", "craft@0.5"]
+    for arm in ("craft@0.25", "craft@0.5"):
+        rule5 = [c for c in result["verdicts"][arm]["checks"] if c["rule"].startswith("5")]
+        assert len(rule5) == 1
+        assert rule5[0]["holds"] is False
+        assert f"{np.mean(np.subtract(drop['craft@0.25'], drop['craft@0.5'])):.4g}" in rule5[0]["detail"]
+        assert result["verdicts"][arm]["works"] is False
+    assert "3 seeds; a paired CI over so few seeds" in (tmp_path / "results.md").read_text()
 
 
 def test_a_different_base_or_study_dir_than_planned_is_refused(tiny_base: Path, tmp_path: Path):

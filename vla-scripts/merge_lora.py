@@ -7,6 +7,8 @@ Writes config.json, generation_config.json and a merged model.safetensors (the t
 included) into ``--output_dir`` (default: the checkpoint dir itself), so the dir becomes a self-contained
 VLA-Adapter release dir: HF model files + action head + proprio projector + dataset_statistics.json +
 processor files. Weights are merged one layer at a time; no accelerator and no second model copy are needed.
+The flags the checkpoint was trained with go along (``training_state/finetune_config.json``, without the optimizer
+state): the closed-loop eval reads from them how the training images were preprocessed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from prismatic.models.checkpoints import load_vla_release
 from prismatic.training.checkpointing import save_merged_model
+from prismatic.training.run_dir import RUN_CONFIG_FILE, STATE_DIR, RunDirRefused, checkpoint_config
 
 
 def merge_checkpoint(checkpoint: Path, base_model_dir: Path, base_config_dir: Path | None, output_dir: Path) -> Path:
@@ -29,6 +32,13 @@ def merge_checkpoint(checkpoint: Path, base_model_dir: Path, base_config_dir: Pa
         for item in checkpoint.iterdir():
             if item.is_file() and not (output_dir / item.name).exists():
                 shutil.copy2(item, output_dir / item.name)
+        try:  # the checkpoint's own record, else (older checkpoints) its run's
+            _, record = checkpoint_config(checkpoint, checkpoint.parent)
+        except RunDirRefused:
+            record = None  # not a checkpoint of finetune.py: nothing to carry
+        if record is not None and not (output_dir / STATE_DIR / RUN_CONFIG_FILE).exists():
+            (output_dir / STATE_DIR).mkdir(exist_ok=True)
+            shutil.copy2(record, output_dir / STATE_DIR / RUN_CONFIG_FILE)
     return output_dir
 
 

@@ -108,9 +108,12 @@ def resolve_checkpoint(path: str | Path, vlm_path: str = "", config_file_path: s
 def training_image_preprocessing(checkpoint: ResolvedCheckpoint) -> str:
     """How the checkpoint's training turned frames into images: ``"torch_source"`` for a run of ``finetune.py``
     with ``--data_source synthetic`` (the flags its checkpoint records, else its run's ``finetune_config.json``),
-    else ``"rlds"`` (release dirs and merged checkpoints: upstream's pipeline)."""
+    else ``"rlds"`` (upstream's release dirs, anything else without that record). ``vla-scripts/merge_lora.py``
+    carries the record into a merged dir."""
+    path = checkpoint.path  # a checkpoint dir in its run dir, or the run dir itself (--save_latest_checkpoint_only)
+    run_dir = path if (path / FINETUNE_CONFIG).is_file() else path.parent
     try:
-        flags, _ = checkpoint_config(checkpoint.path, checkpoint.path.parent)
+        flags, _ = checkpoint_config(path, run_dir)
     except RunDirRefused:  # not a run checkpoint
         return "rlds"
     return "torch_source" if flags.get("data_source") == "synthetic" else "rlds"

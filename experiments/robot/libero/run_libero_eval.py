@@ -236,7 +236,8 @@ def run_identity(
         "max_steps": max_steps,
         "policy_device": device.type,
         "policy_dtype": str(dtype).removeprefix("torch."),
-        "image_preprocessing": image_preprocessing,
+        # only where it is not the RLDS path every eval used before the key existed: those runs still resume
+        **({"image_preprocessing": image_preprocessing} if image_preprocessing != "rlds" else {}),
         **{
             name: getattr(cfg, name)
             for name in (
