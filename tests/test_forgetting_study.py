@@ -225,7 +225,13 @@ def test_a_different_base_or_study_dir_than_planned_is_refused(tiny_base: Path, 
         study.cmd_analyze(study.parse_args(["analyze", *common]))
 
 
-def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: Path):
+def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: Path, monkeypatch):
+    # every process the study starts runs as on the GPU image, where TensorFlow does not exist (a study call's
+    # evaluation once failed there on an import this machine could satisfy)
+    no_tf = tmp_path / "no_tensorflow"
+    no_tf.mkdir()
+    (no_tf / "sitecustomize.py").write_text('import sys\nsys.modules["tensorflow"] = None  # importing it fails\n')
+    monkeypatch.setenv("PYTHONPATH", str(no_tf))
     out = tmp_path / "study"
     common = ["--out", str(out), "--device", "cpu", "--task_a_questions", "8"]
     small = ["--steps", "2", "--batch_size", "2", "--episodes", "6", "--val_batches", "1", "--lora_rank", "4"]
@@ -260,6 +266,7 @@ def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: P
     assert all(c["episodes"] == 1 and c["success"] in (0.0, 1.0) for c in closed.values())
     identity = json.loads((out / "eval" / "plain--s0-h1" / "run_identity.json").read_text())
     assert identity["num_open_loop_steps"] == closed["plain--s0"]["open_loop_steps"] == 1  # the study's default
+    assert identity["image_preprocessing"] == "torch_source"  # as the runs' training data (no TensorFlow needed)
     result = study.cmd_analyze(study.parse_args(["analyze", *common]))
     assert set(result["arms"]) == {"plain", "frozen"}
     assert result["arms"]["plain"]["success"] == closed["plain--s0"]["success"]
