@@ -231,6 +231,10 @@ def test_torch_source_policies_see_their_training_frames_without_tensorflow(tmp_
         assert training_image_preprocessing(resolve_checkpoint(ckpt)) == expected
         (ckpt / "training_state" / "finetune_config.json").unlink()  # an older checkpoint: the run's record
         assert training_image_preprocessing(resolve_checkpoint(ckpt)) == expected
+        latest = tmp_path / f"{source}-latest"  # --save_latest_checkpoint_only: the run dir is the checkpoint
+        _touch(latest / "finetune_config.json", json.dumps(plain_config(cfg)))
+        _touch(latest / "action_head--latest_checkpoint.pt")
+        assert training_image_preprocessing(resolve_checkpoint(latest)) == expected
     release = tmp_path / "release"
     for name in ("config.json", "model.safetensors", "action_head--checkpoint.pt"):
         _touch(release / name)

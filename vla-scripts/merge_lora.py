@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prismatic.models.checkpoints import load_vla_release
 from prismatic.training.checkpointing import save_merged_model
-from prismatic.training.run_dir import RUN_CONFIG_FILE, STATE_DIR, RunDirRefused, checkpoint_config
+from prismatic.training.run_dir import RUN_CONFIG_FILE, STATE_DIR, recorded_config
 
 
 def merge_checkpoint(checkpoint: Path, base_model_dir: Path, base_config_dir: Path | None, output_dir: Path) -> Path:
@@ -32,13 +32,10 @@ def merge_checkpoint(checkpoint: Path, base_model_dir: Path, base_config_dir: Pa
         for item in checkpoint.iterdir():
             if item.is_file() and not (output_dir / item.name).exists():
                 shutil.copy2(item, output_dir / item.name)
-        try:  # the checkpoint's own record, else (older checkpoints) its run's
-            _, record = checkpoint_config(checkpoint, checkpoint.parent)
-        except RunDirRefused:
-            record = None  # not a checkpoint of finetune.py: nothing to carry
-        if record is not None and not (output_dir / STATE_DIR / RUN_CONFIG_FILE).exists():
+        recorded = recorded_config(checkpoint)  # None: not a checkpoint of finetune.py, nothing to carry
+        if recorded is not None and not (output_dir / STATE_DIR / RUN_CONFIG_FILE).exists():
             (output_dir / STATE_DIR).mkdir(exist_ok=True)
-            shutil.copy2(record, output_dir / STATE_DIR / RUN_CONFIG_FILE)
+            shutil.copy2(recorded[1], output_dir / STATE_DIR / RUN_CONFIG_FILE)
     return output_dir
 
 

@@ -47,7 +47,7 @@ from prismatic.models.checkpoints import (
     has_hf_model_files,
     load_vla_release,
 )
-from prismatic.training.run_dir import RunDirRefused, checkpoint_config
+from prismatic.training.run_dir import recorded_config
 from prismatic.vla.prompting import PromptTokenizer
 from prismatic.vla.tokenizer import load_qwen_tokenizer, tokenizer_files
 
@@ -110,13 +110,8 @@ def training_image_preprocessing(checkpoint: ResolvedCheckpoint) -> str:
     with ``--data_source synthetic`` (the flags its checkpoint records, else its run's ``finetune_config.json``),
     else ``"rlds"`` (upstream's release dirs, anything else without that record). ``vla-scripts/merge_lora.py``
     carries the record into a merged dir."""
-    path = checkpoint.path  # a checkpoint dir in its run dir, or the run dir itself (--save_latest_checkpoint_only)
-    run_dir = path if (path / FINETUNE_CONFIG).is_file() else path.parent
-    try:
-        flags, _ = checkpoint_config(path, run_dir)
-    except RunDirRefused:  # not a run checkpoint
-        return "rlds"
-    return "torch_source" if flags.get("data_source") == "synthetic" else "rlds"
+    recorded = recorded_config(checkpoint.path)
+    return "torch_source" if recorded is not None and recorded[0].get("data_source") == "synthetic" else "rlds"
 
 
 def pick_unnorm_key(norm_stats: Mapping[str, Any] | None, suite: str, requested: str = "") -> str:

@@ -154,6 +154,16 @@ def checkpoint_config(ckpt: Path, run_dir: Path) -> tuple[dict[str, Any], Path]:
     )
 
 
+def recorded_config(ckpt: Path) -> tuple[dict[str, Any], Path] | None:
+    """``checkpoint_config`` for any dir finetune.py saved a checkpoint in, its run dir found by layout (the
+    checkpoint dir itself under ``--save_latest_checkpoint_only``, else its parent); None for other dirs."""
+    run_dir = ckpt if (ckpt / RUN_CONFIG_FILE).is_file() else ckpt.parent
+    try:
+        return checkpoint_config(ckpt, run_dir)
+    except RunDirRefused:
+        return None
+
+
 def config_changes(
     old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None
 ) -> dict[str, tuple[Any, Any]]:
