@@ -30,8 +30,9 @@ def eager_evaluation() -> AbstractContextManager:
     Validation and its probes feed shapes training never does (eval mode without gradients, task-A questions
     in batches of 128 ending in a shorter one): compiled, each new shape recompiled the ViT blocks until dynamo's
     recompile limit, and with CUDA graphs recorded new graphs, which left an H100 idle for ~40-60 s at a study
-    run's first validation (craft_progress.md, phase 5, slice 1). Eager, the same numbers come from the same
-    modules up to how fused kernels group float sums, and training's compiled graphs are untouched.
+    run's first validation (craft_progress.md, phase 5, slice 1). Eager, the same modules give the same numbers up
+    to rounding (fused kernels group float sums and keep bf16 intermediates otherwise; bit-equal to an uncompiled
+    twin on the CPU, not yet compared with compiled validation on a GPU); training's compiled graphs are untouched.
     """
     return torch.compiler.set_stance("force_eager")
 
