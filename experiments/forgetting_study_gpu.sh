@@ -8,8 +8,11 @@
 #   RUN_IDS="$(python experiments/forgetting_study.py todo --out runs/study --phase 1 --limit 1 | tail -1)"
 #   OUT=$OUT BASE_PACK=experiments/start_point/task_a_base STATE=experiments/study_state RUN_IDS="$RUN_IDS" \
 #     bash experiments/forgetting_study_gpu.sh
-# (one run per call on one GPU: a run alone ends its training ~342 s into the call, and two sharing an H100 step
+# (one run per call on one GPU: a run alone ends its training 323-426 s into the call, and two sharing an H100 step
 # at half speed each, measured 2026-12-07; docs/STUDY.md amendment 4)
+# Compilation cache: on a fresh machine step 0 compiles for ~99 s, with a warm cache for ~18 s (H100, 2026-12-07).
+# SAVE_INDUCTOR_CACHE=1 brings the cache back as inductor.tgz.part*; put those parts in .carry/ind here and carry
+# that folder too (INDUCTOR_CACHE=.carry/ind, the default): a later call unpacks them if the machine has no cache.
 # Back on the CPU machine:
 #   python experiments/forgetting_study.py unpack --out runs/study --src <files>/study_call.tgz
 #
@@ -19,7 +22,8 @@
 # PARALLEL (finetune.py processes sharing the GPU, default 1), SYNTHETIC_SOURCE_WORKERS (per run; default: the
 # host's cores less two, divided by PARALLEL, at most 6), EXPECTED_RUN_S (a run's duration: one that would
 # end after the training deadline is not started; default 0), CALL_LIMIT (the call's own limit in seconds,
-# default 590), EVAL_RESERVE_S (seconds kept for the closed-loop evaluations, default 150), TRIALS (episodes
+# default 590), EVAL_RESERVE_S (seconds kept for the closed-loop evaluations, default 100: one run's 40 episodes
+# took 46-47 s on an H100), INDUCTOR_CACHE, SAVE_INDUCTOR_CACHE (above), TRIALS (episodes
 # per synthetic task, default 5), EVAL_PARALLEL (default 4), EVAL_FLAGS (default "--num_workers 4"), DEVICE
 # (start and evaluation; default cuda; the runs' device is the plan's).
 # Training stops at CALL_LIMIT - EVAL_RESERVE_S - 40 s and evaluation at CALL_LIMIT - 40 s after the start;
@@ -45,9 +49,16 @@ WORKERS=$(( ($(nproc) - 2) / ${PARALLEL:-1} )); [ "$WORKERS" -gt 6 ] && WORKERS=
 export SYNTHETIC_SOURCE_WORKERS="${SYNTHETIC_SOURCE_WORKERS:-$WORKERS}"
 mkdir -p "$OUT"; OUT_ABS=$(realpath "$OUT")
 mark() { echo "$* at $(el)s" | tee -a "$OUT/timeline.txt"; }
-CALL_LIMIT=${CALL_LIMIT:-590}; EVAL_RESERVE_S=${EVAL_RESERVE_S:-150}
+CALL_LIMIT=${CALL_LIMIT:-590}; EVAL_RESERVE_S=${EVAL_RESERVE_S:-100}
 STUDY=${STUDY:-runs/study}; BASE_DIR=${BASE_DIR:-/tmp/vlmA/base}; PHASE=${PHASE:-1}
 S="python3 experiments/forgetting_study.py"
+# torch's compilation cache (speed only: the same generated kernels the first compile would make and cache here).
+# Before any python3 that imports torch, which may create the folder empty; a machine's own cache is kept.
+IND_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_$(id -un)}
+if [ ! -d "$IND_DIR/fxgraph" ] && compgen -G "${INDUCTOR_CACHE:-.carry/ind}/inductor.tgz.part*" > /dev/null; then
+  mkdir -p "$IND_DIR" && cat "${INDUCTOR_CACHE:-.carry/ind}"/inductor.tgz.part* | tar xzf - -C "$IND_DIR" \
+    && mark "compilation cache unpacked into $IND_DIR"
+fi
 { date -u; nvidia-smi -L; git rev-parse HEAD; python3 -c "import torch; print(torch.__version__)"; nproc
   echo "SYNTHETIC_SOURCE_WORKERS=$SYNTHETIC_SOURCE_WORKERS"; } \
   > "$OUT/env.txt" 2>&1
@@ -87,6 +98,9 @@ mark "evaluation rc=$?"
 [ -n "${SMI:-}" ] && kill "$SMI" 2> /dev/null
 $S pack --out "$STUDY" --dest "$OUT/study_call.tgz" --require_closed_loop 2>&1 | tee -a "$OUT/timeline.txt"
 rc=$?; mark "pack rc=$rc"
+if [ "${SAVE_INDUCTOR_CACHE:-0}" = 1 ] && [ -d "$IND_DIR" ]; then  # at most 8 files come back: 15 MiB parts
+  (cd "$IND_DIR" && tar czf - .) | split -b 15m -d - "$OUT/inductor.tgz.part"; mark "compilation cache saved"
+fi
 # Every run's log and metrics, finished or not (not for merging: a stopped run's progress shows its speed)
 (cd "$STUDY" && find . \( -name '*.log' -o -name metrics.jsonl \) -not -path '*_chkpt*' -print0 \
   | tar czf "$OUT_ABS/progress.tgz" --null -T -)
