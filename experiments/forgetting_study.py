@@ -7,11 +7,12 @@
     python experiments/forgetting_study.py plan    --base <task-A base> --out study --phase 2 --seeds 0 1 2 3 4
     python experiments/forgetting_study.py run     --out study --phase 2 --parallel 4
     python experiments/forgetting_study.py closed_loop --out study --trials 5   # P2: synthetic-suite success (CPU)
+    python experiments/forgetting_study.py drift   --out study          # probes and CKA of each final checkpoint
     python experiments/forgetting_study.py analyze --out study          # results.json, results.md, results.png
 
 In slices on GPU calls (docs/STUDY.md amendment 3; experiments/forgetting_study_gpu.sh): ``todo --limit N`` picks
-the next runs here, the call runs ``run --only <ids> --deadline_unix ...`` and ``closed_loop``, then ``pack
---require_closed_loop``; ``unpack --src <call's .tgz>`` merges its results here (nothing is overwritten).
+the next runs here, the call runs ``run --only <ids> --deadline_unix ...``, ``closed_loop`` and ``drift``, then
+``pack --require_closed_loop``; ``unpack --src <call's .tgz>`` merges its results here (nothing is overwritten).
 
 Phase 1 holds every arm that does not depend on epsilon (plain, frozen, cotrain, L2-SP at several strengths,
 fixed lambda); phase 2 the CRaFT arms at the epsilons that ``epsilon`` derived from phase 1's plain runs, before
@@ -45,7 +46,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from experiments.robot.libero.results import write_json_atomic  # noqa: E402
-from experiments.study_stats import craft_rules, epsilon_order_rule, paired_bootstrap  # noqa: E402
+from experiments.study_stats import craft_rules, epsilon_order_rule, mean_ci, paired_bootstrap  # noqa: E402
 from prismatic.vla.datasets.synthetic_vqa import TASK_B_SKILLS  # noqa: E402
 
 # A CRaFT monitor: L_ret is computed and validated, lambda stays 0 and nothing is projected.
@@ -486,6 +487,64 @@ def cmd_closed_loop(args: argparse.Namespace) -> dict[str, float]:
     return results
 
 
+def drift_dir(out: Path, run_id: str) -> Path:
+    return out / "drift" / run_id
+
+
+def cmd_drift(args: argparse.Namespace) -> dict:
+    """Representation diagnostics (docs/STUDY.md amendment 6) of every finished run's final checkpoint here:
+    ``vla-scripts/representation_drift.py`` against the start point, with task-A answer probes and CKA on
+    ``--probe_scenes`` held-out scenes, into ``drift/<run id>/``. Runs that have a report, or whose checkpoint is not
+    on this machine, are skipped; a deadline stops what would not finish (rerun: it starts that run afresh)."""
+    out = Path(args.out)
+    for phase in (1, 2):
+        if plan_path(out, phase).is_file():
+            check_base(read_plan(out, phase), phase)
+    jobs, missing = [], []
+    for run in finished_runs(out, 1) + finished_runs(out, 2):
+        dest = drift_dir(out, run["run_id"])
+        if (dest / "drift.json").is_file():
+            continue
+        if not final_checkpoint(out, run).is_dir():
+            missing.append(run["run_id"])
+            continue
+        _, task_a_seed = task_a_questions_of(run)
+        jobs.append((f"drift-{run['run_id']}", [
+            sys.executable, str(REPO / "vla-scripts" / "representation_drift.py"),
+            "--checkpoint", str(final_checkpoint(out, run)), "--output_dir", str(dest), "--device", args.device,
+            "--task_a_probes", str(args.probe_scenes), "--vqa_seed", str(task_a_seed)]))  # fmt: skip
+    if missing:
+        print(f"{len(missing)} finished run(s) have no final checkpoint here, no diagnostics: {missing}")
+    report = run_processes(jobs, args.parallel, out / "logs", args.deadline_unix, args.expected_run_s or 0.0)
+    failed = [k for k, c in report["codes"].items() if c]
+    if failed:
+        raise SystemExit(f"{len(failed)} diagnostic(s) failed: {failed}")
+    return report
+
+
+# The descriptive columns of amendment 6, read from each run's drift.json (no decision rule uses them)
+DIAGNOSTICS = {
+    "probe_refit": "task-A answer probe refitted on the run, not-needed types, last layer",
+    "probe_fixed": "the start model's probe reading the run, not-needed types, last layer",
+    "cka_task_a": "CKA of vision-patch states on task-A images at the C_R layer, run vs start",
+}
+
+
+def read_diagnostics(out: Path, run_id: str) -> dict[str, float] | None:
+    path = drift_dir(out, run_id) / "drift.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    probes = report["task_a_probes"]
+    last = str(probes["layers"][-1])
+    return {
+        "probe_refit": probes["not_needed"][last]["refit"],
+        "probe_fixed": probes["not_needed"][last]["fixed"],
+        "probe_start": probes["not_needed"][last]["reference"],
+        "cka_task_a": probes["cka_patches"][report["anchor_layer"]],
+    }
+
+
 def cmd_analyze(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     start_file = out / "start.json"
@@ -515,6 +574,7 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
             "val_l1": f["val/loss"],
             "retention": f.get("val/retention_loss", float("nan")),
             "success": closed[r["run_id"]]["success"] if r["run_id"] in closed else float("nan"),
+            "diagnostics": read_diagnostics(out, r["run_id"]),
         }
     if "plain" not in by_arm:
         raise SystemExit("no finished plain run: every comparison is against plain")
@@ -524,6 +584,9 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
         keys = ("p1", "needed_drop", "val_l1", "retention", "success")
         row = {k: float(np.mean([s[k] for s in seeds.values()])) for k in keys}
         row["seeds"] = sorted(seeds)
+        diag = {s: v["diagnostics"] for s, v in seeds.items() if v["diagnostics"]}
+        row["diagnostic_seeds"] = sorted(diag)
+        row["diagnostics"] = {k: mean_ci({s: d[k] for s, d in diag.items()}).__dict__ for k in DIAGNOSTICS if diag}
         if arm != "plain":
             improvement = paired_bootstrap({s: plain[s]["p1"] for s in plain}, {s: v["p1"] for s, v in seeds.items()})
             row["p1_improvement_vs_plain"] = improvement.__dict__
@@ -576,7 +639,10 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
             undecided = [c.rule for c in checks if c.holds is None]
             works = None if undecided else all(c.holds for c in checks)  # an undecidable rule decides nothing
             verdicts[arm] = {"works": works, "undecided": undecided, "checks": [c.__dict__ for c in checks]}
+    diagnosed = [v["diagnostics"] for per_seed in by_arm.values() for v in per_seed.values() if v["diagnostics"]]
+    starts = {round(d["probe_start"], 12) for d in diagnosed}  # one value when every report used the same scenes
     result = {"start": start, "arms": table, "verdicts": verdicts, "p2": b_key, "l2sp": l2sp,
+              "start_probe": sorted(starts),
               "complete": complete, "missing_runs": missing, "seeds": seeds,
               "uninformative": table["plain"]["p1"] < 0.03}  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -600,6 +666,21 @@ def results_markdown(result: dict) -> str:
         ci = f"{imp['mean']:+.3f} ({imp['low']:+.3f}..{imp['high']:+.3f})" if imp else "-"
         lines.append(f"| {arm} | {len(row['seeds'])} | {row['p1']:.3f} | {row['needed_drop']:.3f} | "
                      f"{row['val_l1']:.4f} | {row['success']:.3f} | {row['retention']:.4g} | {ci} |")  # fmt: skip
+    if any(row["diagnostics"] for row in result["arms"].values()):
+        lines += [
+            "",
+            "Representation (docs/STUDY.md amendment 6; descriptive, no rule uses them): mean over the seeds "
+            "with diagnostics, percentile bootstrap 95% CI over those seeds. "
+            + "; ".join(f"{k} = {v}" for k, v in DIAGNOSTICS.items())
+            + f". The start model's own probe scores {', '.join(f'{x:.3f}' for x in result['start_probe'])}.",
+            "",
+            "| arm | seeds | " + " | ".join(DIAGNOSTICS) + " |",
+            "|---|---|" + "---|" * len(DIAGNOSTICS),
+        ]
+        for arm, row in result["arms"].items():
+            if row["diagnostics"]:
+                cells = [f"{d['mean']:.3f} ({d['low']:.3f}..{d['high']:.3f})" for d in row["diagnostics"].values()]
+                lines.append(f"| {arm} | {len(row['diagnostic_seeds'])} | " + " | ".join(cells) + " |")
     if result["uninformative"]:
         lines += ["", "**Uninformative**: plain forgets fewer than 3 points on P1 (docs/STUDY.md section 6)."]
     l2sp = result["l2sp"]
@@ -643,7 +724,7 @@ def plot_results(table: dict, path: Path) -> None:
 
 def pack_members(out: Path, require_closed_loop: bool) -> list[Path]:
     """What ``pack`` carries: the study's top-level files, logs, and for each finished run (evaluated closed loop,
-    if required) its run dir without checkpoints and its evaluation dirs."""
+    if required) its run dir without checkpoints, its evaluation dirs and its diagnostics."""
     closed = read_closed_loop(out)
     runs = [r["run_id"] for r in finished_runs(out, 1) + finished_runs(out, 2)]
     if require_closed_loop:
@@ -655,6 +736,8 @@ def pack_members(out: Path, require_closed_loop: bool) -> list[Path]:
                   if f.is_file() and not any(part.endswith("_chkpt") for part in f.relative_to(out).parts)]  # fmt: skip
         for eval_dir in sorted((out / "eval").glob(f"{run_id}-h*")):
             files += [f for f in eval_dir.rglob("*") if f.is_file()]
+        if (drift_dir(out, run_id) / "drift.json").is_file():  # a complete report only (a stopped one has none)
+            files += [f for f in drift_dir(out, run_id).rglob("*") if f.is_file()]
     return sorted(set(files))
 
 
@@ -746,7 +829,8 @@ def cmd_unpack(args: argparse.Namespace) -> dict[str, int]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "command", choices=("start", "plan", "run", "todo", "epsilon", "closed_loop", "analyze", "pack", "unpack")
+        "command",
+        choices=("start", "plan", "run", "todo", "epsilon", "closed_loop", "drift", "analyze", "pack", "unpack"),
     )
     p.add_argument("--out", required=True, help="study dir: plans, runs/, logs/, epsilon.json, results")
     p.add_argument("--base", help="task-A base run dir (pretrain_synthetic_vlm.py's <out>/base)")
@@ -790,6 +874,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="closed_loop: actions per policy query. 1, because the synthetic task is ~15 steps long: with upstream's "
         "8 an arm's grasp is planned blind from the first frame (issue 12: 23/48 at 8 vs 36/48 at 1, same checkpoint)",
     )  # fmt: skip
+    p.add_argument("--probe_scenes", type=int, default=600, help="drift: held-out task-A scenes for probes and CKA")
     p.add_argument("--eval_flags", default="", help='closed_loop: extra run_libero_eval.py flags, e.g. "--max_steps 5"')
     args = p.parse_args(argv)
     if args.command in ("plan", "start") and not args.base:
@@ -803,7 +888,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> object:
     args = parse_args(argv)
     commands = {"start": cmd_start, "plan": cmd_plan, "run": cmd_run, "todo": cmd_todo, "epsilon": cmd_epsilon,
-                "closed_loop": cmd_closed_loop, "analyze": cmd_analyze, "pack": cmd_pack,
+                "closed_loop": cmd_closed_loop, "drift": cmd_drift, "analyze": cmd_analyze, "pack": cmd_pack,
                 "unpack": cmd_unpack}  # fmt: skip
     return commands[args.command](args)
 

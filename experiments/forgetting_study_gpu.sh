@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call of the forgetting study (docs/STUDY.md, amendment 3): train the chosen runs to the end, evaluate
-# each closed loop, and return their small results; nothing a later call needs stays on the GPU machine.
+# each closed loop, measure its representation diagnostics (amendment 6), and return their small results; nothing
+# a later call needs stays on the GPU machine.
 #
 # The plan and start.json are tracked in experiments/study_state/ (its README: how they were made). On the CPU
 # machine, once per checkout: mkdir -p runs/study && cp experiments/study_state/*.json runs/study/
@@ -24,7 +25,8 @@
 # end after the training deadline is not started; default 0), CALL_LIMIT (the call's own limit in seconds,
 # default 590), EVAL_RESERVE_S (seconds kept for the closed-loop evaluations, default 100: one run's 40 episodes
 # took 46-47 s on an H100), INDUCTOR_CACHE, SAVE_INDUCTOR_CACHE (above), TRIALS (episodes
-# per synthetic task, default 5), EVAL_PARALLEL (default 4), EVAL_FLAGS (default "--num_workers 4"), DEVICE
+# per synthetic task, default 5), PROBE_SCENES (task-A scenes of the diagnostics, default 600), EVAL_PARALLEL
+# (default 4), EVAL_FLAGS (default "--num_workers 4"), DEVICE
 # (start and evaluation; default cuda; the runs' device is the plan's).
 # Training stops at CALL_LIMIT - EVAL_RESERVE_S - 40 s and evaluation at CALL_LIMIT - 40 s after the start;
 # a run or evaluation cut off there is left out of the pack (pack --require_closed_loop) and rerun later.
@@ -95,6 +97,11 @@ $S closed_loop --out "$STUDY" --device "${DEVICE:-cuda}" --trials "${TRIALS:-5}"
   --eval_flags="${EVAL_FLAGS---num_workers 4}" --deadline_unix $((T0 + CALL_LIMIT - 40)) 2>&1 \
   | tee -a "$OUT/timeline.txt"
 mark "evaluation rc=$?"
+# amendment 6's representation diagnostics (probes, CKA) of each evaluated run, in the time that is left; a run
+# whose diagnostics are cut off still counts and is packed without them
+$S drift --out "$STUDY" --device "${DEVICE:-cuda}" --probe_scenes "${PROBE_SCENES:-600}" --parallel 1 \
+  --deadline_unix $((T0 + CALL_LIMIT - 40)) 2>&1 | tee -a "$OUT/timeline.txt"
+mark "diagnostics rc=$?"
 [ -n "${SMI:-}" ] && kill "$SMI" 2> /dev/null
 $S pack --out "$STUDY" --dest "$OUT/study_call.tgz" --require_closed_loop 2>&1 | tee -a "$OUT/timeline.txt"
 rc=$?; mark "pack rc=$rc"

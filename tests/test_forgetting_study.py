@@ -267,8 +267,24 @@ def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: P
     identity = json.loads((out / "eval" / "plain--s0-h1" / "run_identity.json").read_text())
     assert identity["num_open_loop_steps"] == closed["plain--s0"]["open_loop_steps"] == 1  # the study's default
     assert identity["image_preprocessing"] == "torch_source"  # as the runs' training data (no TensorFlow needed)
+    # amendment 6's diagnostics of each final checkpoint; the frozen arm's VLM has not moved, so its start-model
+    # probe reads it exactly as before (fixed == refit == start) and its task-A CKA is 1
+    drift = study.cmd_drift(study.parse_args(["drift", "--probe_scenes", "8", "--parallel", "2", *common]))
+    assert drift["codes"] == {"drift-plain--s0": 0, "drift-frozen--s0": 0}
+    assert study.cmd_drift(study.parse_args(["drift", *common]))["codes"] == {}  # reports exist: nothing to do
+    frozen = study.read_diagnostics(out, "frozen--s0")
+    assert frozen["probe_fixed"] == frozen["probe_refit"] == frozen["probe_start"]
+    assert frozen["cka_task_a"] == pytest.approx(1.0, abs=1e-9)
     result = study.cmd_analyze(study.parse_args(["analyze", *common]))
     assert set(result["arms"]) == {"plain", "frozen"}
+    plain_drift = json.loads((out / "drift" / "plain--s0" / "drift.json").read_text())
+    probes = plain_drift["task_a_probes"]
+    assert result["arms"]["plain"]["diagnostics"]["probe_refit"]["mean"] == pytest.approx(
+        np.mean([probes["by_type"][t][str(probes["layers"][-1])]["refit"] for t in ("shape", "count", "exist",
+                 "relation") if t in probes["by_type"]]), abs=1e-12
+    )  # fmt: skip
+    assert result["arms"]["plain"]["diagnostic_seeds"] == [0]
+    assert "| plain | 1 |" in (out / "results.md").read_text()
     assert result["arms"]["plain"]["success"] == closed["plain--s0"]["success"]
     assert result["p2"] == ("success" if max(c["success"] for c in closed.values()) >= 0.2 else "val_l1")
 
@@ -277,6 +293,7 @@ def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: P
     packed = study.cmd_pack(study.parse_args(["pack", "--out", str(out), "--dest", tgz, "--require_closed_loop"]))
     assert "runs/plain--s0/metrics.jsonl" in packed
     assert "eval/frozen--s0-h1/summary.json" in packed
+    assert "drift/plain--s0/drift.json" in packed
     assert not [m for m in packed if "_chkpt" in m]
     only_plain = {"plain--s0": closed["plain--s0"]}  # as if frozen's evaluation had been cut off
     (out / "closed_loop.json").write_text(json.dumps(only_plain))

@@ -1,15 +1,17 @@
 """vla-scripts/representation_drift.py on a real tiny fine-tuning run (finetune.py, LoRA, synthetic source).
 
-References: (1) the checkpoint against itself: CKA 1, drift 0, L_ret 0, fixed probe == refit (1e-9); (2) the
-checkpoint against its start point, recomputed on a second path: the start model rebuilt from its seed by
-make_tiny_checkpoint (not loaded from disk), the fine-tuned model through the evaluation's loader
-(experiments/robot/policy.py), the bridge features and metrics recomputed here (1e-6).
+References: (1) the checkpoint against itself: CKA 1, drift 0, L_ret 0, fixed probe == refit (1e-9), and the
+task-A probes' fixed == refit == the reference's own; (2) the checkpoint against its start point, recomputed on a
+second path: the start model rebuilt from its seed by make_tiny_checkpoint (not loaded from disk), the fine-tuned
+model through the evaluation's loader (experiments/robot/policy.py), the bridge features and metrics recomputed
+here (1e-6); the task-A answer states through the LM head give the logits task-A accuracy is scored with.
 """
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import load_script, run_finetune, tiny_args
@@ -18,7 +20,10 @@ from experiments.robot.policy import VLAPolicy, resolve_checkpoint
 from prismatic.training.craft_utils import CRaFTFeatureExtractor, retention_loss
 from prismatic.training.data_setup import build_training_data
 from prismatic.training.distributed import DistributedContext
-from prismatic.training.representation_metrics import debiased_linear_cka, relative_drift
+from prismatic.training.representation_metrics import debiased_linear_cka, relative_drift, ridge_probe
+from prismatic.training.vqa import QuestionEncoder, answer_logits, question_states, vlm_pixels
+from prismatic.vla.datasets.synthetic_vqa import QUESTION_TYPES
+from prismatic.vla.tokenizer import load_qwen_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +41,7 @@ def _drift(ckpt, out, *extra):
 
 
 def test_a_checkpoint_against_itself_has_not_moved(trained, tmp_path):
-    report = _drift(trained, tmp_path / "self", "--reference", str(trained))
+    report = _drift(trained, tmp_path / "self", "--reference", str(trained), "--task_a_probes", "12")
     for row in report["layers"]:
         assert row["cka_patches"] == pytest.approx(1.0, abs=1e-9)
         if row["layer"] == 0:  # the action-query embeddings are the same for every frame: CKA undefined
@@ -47,6 +52,15 @@ def test_a_checkpoint_against_itself_has_not_moved(trained, tmp_path):
         assert row["probe_fixed"] == row["probe_refit"]
     assert report["heldout_retention_loss"] == 0.0
     assert (tmp_path / "self" / "drift.png").stat().st_size > 0
+    probes = report["task_a_probes"]
+    assert probes["layers"] == [1, 2, 4]  # L/4, L/2, L of the tiny model's 4 layers
+    assert set(probes["by_type"]) == set(QUESTION_TYPES)  # 12 scenes allow every type
+    for per_layer in probes["by_type"].values():
+        for row in per_layer.values():
+            assert row["fixed"] == row["refit"] == row["reference"]
+            assert row["n_fit"] > 0
+            assert row["n_score"] > 0
+    assert all(c == pytest.approx(1.0, abs=1e-9) for c in probes["cka_patches"])
 
 
 def test_against_the_start_point_matches_a_second_path(trained, tmp_path, tiny_base):
@@ -89,3 +103,50 @@ def test_against_the_start_point_matches_a_second_path(trained, tmp_path, tiny_b
     assert report["task_a"]["reference"]["all"]["n"] == 8
     with pytest.raises(SystemExit, match="exists"):
         _drift(trained, tmp_path / "start")  # never overwrites a report
+
+
+def test_task_a_probes_against_a_second_path(trained, tmp_path, tiny_base):
+    """Probes and CKA of the start point vs the tuned checkpoint, recomputed here: the answer states from a plain
+    forward (the last layer's through the LM head equal the logits accuracy is scored with), probes refitted with
+    the same rule on the same scene halves; patch states do not depend on the question (causal prompt)."""
+    report = _drift(trained, tmp_path / "probes", "--task_a_probes", "10", "--probe_layers", "1", "2")
+    tool = load_script("representation_drift")
+    rows = tool.task_a_questions(10, 0)
+    tuned = VLAPolicy.from_checkpoint(
+        resolve_checkpoint(trained), "synthetic", unnorm_key="synthetic_libero", center_crop=False
+    ).model.eval()
+    encoder = QuestionEncoder(load_qwen_tokenizer())
+    images, questions = [r[2] for r in rows], [r[3] for r in rows]
+    at_answer, patches = question_states(tuned, encoder, images, questions, batch_size=7)
+    with torch.no_grad():
+        batch = encoder(questions[:5])
+        logits = answer_logits(tuned, vlm_pixels(torch.as_tensor(np.stack(images[:5]))), batch)
+        assert torch.allclose(tuned.language_model.lm_head(at_answer[-1][:5]), logits, atol=1e-5)
+    same_scene = [i for i in range(1, len(rows)) if rows[i][0] == rows[0][0]]
+    assert same_scene
+    assert all(torch.allclose(p[0], p[same_scene[0]], atol=1e-5) for p in patches)
+    start = load_script("make_tiny_checkpoint").build_tiny_policy(seed=1).vla  # question prompts hold no queries
+    ref_answer, ref_patches = question_states(start.eval(), encoder, images, questions)
+    labels = torch.tensor([encoder.answer_id(r[4]) for r in rows])
+    fit_half = torch.tensor([r[0] < 5 for r in rows])
+    probes = report["task_a_probes"]
+    checked = 0
+    for qtype, per_layer in probes["by_type"].items():
+        sel = torch.tensor([r[1] == qtype for r in rows])
+        fit, score = sel & fit_half, sel & ~fit_half
+        for layer in (1, 2):
+            refit = ridge_probe(at_answer[layer][fit], labels[fit]).accuracy(at_answer[layer][score], labels[score])
+            fixed = ridge_probe(ref_answer[layer][fit], labels[fit]).accuracy(at_answer[layer][score], labels[score])
+            assert per_layer[str(layer)]["refit"] == pytest.approx(refit, abs=1e-9)
+            assert per_layer[str(layer)]["fixed"] == pytest.approx(fixed, abs=1e-9)
+            checked += 1
+    assert checked >= 8
+    first = [i for i in range(len(rows)) if i == 0 or rows[i - 1][0] != rows[i][0]]
+    assert probes["cka_patches"][2] == pytest.approx(
+        debiased_linear_cka(ref_patches[2][first], patches[2][first]), abs=1e-6
+    )
+    needed = [t for t in ("colour", "column", "row") if t in probes["by_type"]]
+    assert probes["needed"]["2"]["refit"] == pytest.approx(
+        np.mean([probes["by_type"][t]["2"]["refit"] for t in needed]), abs=1e-12
+    )
+    assert report["anchor_layer"] == 2  # the C_R layer of 5 hidden states (the middle one)

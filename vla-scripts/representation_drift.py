@@ -19,7 +19,14 @@ Measured, per LLM hidden state l = 0 (embeddings) .. L, over the same frames on 
     the checkpoint (fixed falling below refit = the read-out moved; refit falling = the information is gone);
   * held-out L_ret: CRaFT's retention loss between the two models' bridge features (the run's feature variant
     and pooling), and L_ret divided by the mean per-feature variance of f_0 (unit-free: ~1 - R^2);
-  * with ``--vqa_heldout N``: task-A accuracy per question type of both models (synthetic VQA scenes).
+  * with ``--vqa_heldout N``: task-A accuracy per question type of both models (synthetic VQA scenes);
+  * with ``--task_a_probes N`` (the forgetting study, docs/STUDY.md amendment 6): on N held-out task-A scenes, every
+    question type each scene allows, the hidden state at the answer position (where the LM head reads the answer)
+    at ``--probe_layers`` (default: a quarter, half and all of the LLM's layers, {2, 4, 8} for 8): per type, a
+    "fixed" probe fitted on the reference's states of the first half of the scenes scores the checkpoint's states
+    of the second half, a "refit" one is fitted and scored on the checkpoint's (refit high while the LM head's
+    accuracy fell = the answer is still there, the read-out moved); and, at every layer, the CKA of the two models'
+    mean-pooled vision-patch states on those scenes (task-A images, not task B's frames).
 Writes drift.json (every number, the command, both model paths) and drift.png.
 """
 
@@ -37,7 +44,7 @@ import torch
 
 from prismatic.extern.hf.modeling_prismatic import _gather_positions
 from prismatic.models.checkpoints import load_vla_release
-from prismatic.training.craft_utils import CRaFTFeatureExtractor, retention_loss
+from prismatic.training.craft_utils import CRaFTFeatureExtractor, resolve_anchor_layer, retention_loss
 from prismatic.training.data_setup import build_training_data
 from prismatic.training.distributed import DistributedContext
 from prismatic.training.finetune_config import FinetuneConfig
@@ -56,6 +63,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=None, help="default: the run's")
     p.add_argument("--vqa_heldout", type=int, default=0, help="task-A scenes to score both models on (0 = off)")
     p.add_argument("--vqa_seed", type=int, default=0, help="the task-A pretraining seed (held-out scenes)")
+    p.add_argument("--task_a_probes", type=int, default=0, help="task-A scenes for probes and CKA (0 = off)")
+    p.add_argument("--probe_layers", type=int, nargs="+", help="hidden states to probe (default: L/4, L/2, L)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -181,6 +190,85 @@ def task_a_accuracy(models: dict[str, torch.nn.Module], count: int, seed: int, d
     return {name: evaluate_answers(vla, encoder, *columns, device=device) for name, vla in models.items()}
 
 
+def task_a_questions(count: int, seed: int) -> list[tuple]:
+    """(scene index, type, image, question, answer) for every question type each of ``count`` held-out task-A
+    scenes allows (the scenes validation asks one question about)."""
+    from prismatic.vla.datasets.synthetic_vqa import QUESTION_TYPES, ask, render_scene, scene_rng
+
+    rows = []
+    for index in range(count):
+        rng = scene_rng(seed, index, "heldout")
+        image, objects = render_scene(rng)
+        for qtype in QUESTION_TYPES:
+            qa = ask(objects, rng, qtype)
+            if qa is not None:
+                rows.append((index, qtype, image, *qa))
+    return rows
+
+
+def default_probe_layers(num_layers: int) -> list[int]:
+    return sorted({num_layers // 4, num_layers // 2, num_layers})
+
+
+def task_a_probes(
+    reference: torch.nn.Module, candidate: torch.nn.Module, count: int, seed: int, device: torch.device,
+    layers: Sequence[int] | None = None,
+) -> dict:  # fmt: skip
+    """Probes per question type and layer (fixed / refit / the reference's own), their means over the types task B
+    needs and does not need, and per-layer CKA of pooled vision-patch states on the same task-A images."""
+    from prismatic.training.vqa import QuestionEncoder, question_states
+    from prismatic.vla.datasets.synthetic_vqa import QUESTION_TYPES, TASK_B_SKILLS
+    from prismatic.vla.tokenizer import load_qwen_tokenizer
+
+    rows = task_a_questions(count, seed)
+    encoder = QuestionEncoder(load_qwen_tokenizer())
+    images, questions = [r[2] for r in rows], [r[3] for r in rows]
+    ref_answer, ref_patches = question_states(reference, encoder, images, questions, device=device)
+    cand_answer, cand_patches = question_states(candidate, encoder, images, questions, device=device)
+    num_layers = len(ref_answer) - 1
+    layers = list(layers) if layers else default_probe_layers(num_layers)
+    if not all(0 <= layer <= num_layers for layer in layers):
+        raise SystemExit(f"--probe_layers {layers}: the model has hidden states 0..{num_layers}")
+    scene = torch.tensor([r[0] for r in rows])
+    labels = torch.tensor([encoder.answer_id(r[4]) for r in rows])
+    qtypes = [r[1] for r in rows]
+    fit_half = scene < count // 2  # whole scenes on each side: no image is both fitted and scored
+    by_type: dict[str, dict[str, dict]] = {}
+    for qtype in QUESTION_TYPES:
+        sel = torch.tensor([t == qtype for t in qtypes])
+        fit, score = sel & fit_half, sel & ~fit_half
+        if len(torch.unique(labels[fit])) < 2 or not score.any():
+            continue  # too few scenes for this type: no probe
+        by_type[qtype] = {}
+        for layer in layers:
+            fixed = ridge_probe(ref_answer[layer][fit], labels[fit])
+            refit = ridge_probe(cand_answer[layer][fit], labels[fit])
+            by_type[qtype][str(layer)] = {
+                "reference": fixed.accuracy(ref_answer[layer][score], labels[score]),
+                "fixed": fixed.accuracy(cand_answer[layer][score], labels[score]),
+                "refit": refit.accuracy(cand_answer[layer][score], labels[score]),
+                "n_fit": int(fit.sum()),
+                "n_score": int(score.sum()),
+            }
+
+    def mean_over(types: Sequence[str]) -> dict[str, dict[str, float]]:
+        present = [t for t in types if t in by_type]
+        return {str(layer): {kind: float(np.mean([by_type[t][str(layer)][kind] for t in present]))
+                             for kind in ("reference", "fixed", "refit")}
+                for layer in layers} if present else {}  # fmt: skip
+
+    first_row = torch.tensor([i == 0 or rows[i - 1][0] != rows[i][0] for i in range(len(rows))])  # one per scene
+    return {
+        "scenes": count,
+        "questions": len(rows),
+        "layers": layers,
+        "by_type": by_type,
+        "needed": mean_over(TASK_B_SKILLS),
+        "not_needed": mean_over([t for t in QUESTION_TYPES if t not in TASK_B_SKILLS]),
+        "cka_patches": [debiased_linear_cka(r[first_row], c[first_row]) for r, c in zip(ref_patches, cand_patches)],
+    }
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -189,7 +277,8 @@ def plot(report: dict, path: Path) -> None:
 
     layers = report["layers"]
     x = [r["layer"] for r in layers]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    probes = report.get("task_a_probes")
+    fig, axes = plt.subplots(1, 4 if probes else 3, figsize=(20 if probes else 15, 4))
     axes[0].plot(x, [r["cka_patches"] for r in layers], "o-", label="vision patches")
     axes[0].plot(x, [np.nan if r["cka_queries"] is None else r["cka_queries"] for r in layers], "s-",
                  label="action queries")  # fmt: skip
@@ -205,6 +294,15 @@ def plot(report: dict, path: Path) -> None:
         axes[2].set(xlabel="LLM hidden state", ylabel="held-out accuracy", ylim=(0, 1.02))
         axes[2].legend()
     axes[2].set_title(f"instruction probe; L_ret = {report['heldout_retention_loss']:.3g}")
+    if probes:
+        for group, marker in (("not_needed", "o"), ("needed", "s")):
+            for kind, style in (("reference", ":"), ("fixed", "--"), ("refit", "-")):
+                if probes[group]:
+                    axes[3].plot(probes["layers"], [probes[group][str(k)][kind] for k in probes["layers"]],
+                                 marker=marker, linestyle=style, label=f"{group} {kind}")  # fmt: skip
+        axes[3].set(xlabel="LLM hidden state", ylabel="held-out accuracy", ylim=(0, 1.02),
+                    title="task-A answer probes (mean over types)")  # fmt: skip
+        axes[3].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -243,9 +341,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
             instruction_labels(batches),
         ),  # fmt: skip
     }
+    report["anchor_layer"] = resolve_anchor_layer(cfg.craft_anchor_layer_idx, len(report["layers"]))
     if args.vqa_heldout > 0:
         report["task_a"] = task_a_accuracy(
             {"reference": reference, "checkpoint": candidate}, args.vqa_heldout, args.vqa_seed, device
+        )
+    if args.task_a_probes > 0:
+        report["task_a_probes"] = task_a_probes(
+            reference, candidate, args.task_a_probes, args.vqa_seed, device, args.probe_layers
         )
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "drift.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -121,8 +121,9 @@ def vlm_pixels(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     return normalize_uint8_images(images[:, None])
 
 
-def answer_logits(vla: torch.nn.Module, pixel_values: torch.Tensor, batch: QuestionBatch) -> torch.Tensor:
-    """Next-token logits [B, V] after each row's last prompt token (vision patches sit after the first token)."""
+def _question_forward(vla: torch.nn.Module, pixel_values: torch.Tensor, batch: QuestionBatch):
+    """The VLM's forward with every hidden state, and each row's answer position (its last prompt token, counted
+    after the vision patches, which sit after the first token)."""
     out = vla(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -132,8 +133,48 @@ def answer_logits(vla: torch.nn.Module, pixel_values: torch.Tensor, batch: Quest
     )
     num_patches = out.projector_features.shape[1]
     rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
-    last = out.hidden_states[-1][rows, num_patches + batch.last_index]  # [B, D], after the final norm
-    return vla.language_model.lm_head(last)
+    return out, num_patches, (rows, num_patches + batch.last_index)
+
+
+def answer_logits(vla: torch.nn.Module, pixel_values: torch.Tensor, batch: QuestionBatch) -> torch.Tensor:
+    """Next-token logits [B, V] after each row's last prompt token (vision patches sit after the first token)."""
+    out, _, answer_at = _question_forward(vla, pixel_values, batch)
+    return vla.language_model.lm_head(out.hidden_states[-1][answer_at])  # [B, D] after the final norm -> [B, V]
+
+
+@torch.no_grad()
+def question_states(
+    vla: torch.nn.Module,
+    encoder: QuestionEncoder,
+    images: np.ndarray | torch.Tensor,
+    questions: Sequence[str],
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per LLM hidden state l = 0..L: the state at each question's answer position [N, D], and the mean-pooled
+    vision-patch states [N, D] (float32, CPU); the forgetting study's probes and CKA on task A read these.
+
+    The answer position is where the LM head reads the answer (``answer_logits`` is the LM head on the last one), so
+    a probe there asks whether the answer is still linearly present when the head no longer finds it. The patches
+    come before the question in the causal prompt, so their states depend on the image alone.
+    """
+    was_training = vla.training
+    vla.eval()
+    device = torch.device(device)
+    at_answer: list[list[torch.Tensor]] = []
+    patches: list[list[torch.Tensor]] = []
+    for start in range(0, len(questions), batch_size):
+        stop = min(start + batch_size, len(questions))
+        batch = encoder(questions[start:stop]).to(device)
+        pixels = vlm_pixels(torch.as_tensor(np.asarray(images[start:stop]))).to(device)
+        out, num_patches, answer_at = _question_forward(vla, pixels, batch)
+        if not at_answer:
+            at_answer, patches = [[] for _ in out.hidden_states], [[] for _ in out.hidden_states]
+        for layer, hidden in enumerate(out.hidden_states):
+            at_answer[layer].append(hidden[answer_at].float().cpu())
+            patches[layer].append(hidden[:, 1 : 1 + num_patches].float().mean(dim=1).cpu())
+    vla.train(was_training)
+    return [torch.cat(h) for h in at_answer], [torch.cat(h) for h in patches]
 
 
 def answer_loss(logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
