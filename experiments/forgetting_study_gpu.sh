@@ -16,6 +16,9 @@
 # that folder too (INDUCTOR_CACHE=.carry/ind, the default): a later call unpacks them if the machine has no cache.
 # Back on the CPU machine:
 #   python experiments/forgetting_study.py unpack --out runs/study --src <files>/study_call.tgz
+# and for a kept checkpoint (KEEP_CHECKPOINTS below; the base unpacked at /tmp/vlmA/base, as on the GPU):
+#   python vla-scripts/pack_checkpoint.py unpack <files>/ck_<id> runs/study/runs/<id>/<id>--3000_chkpt \
+#     --ref /tmp/ref.pt /tmp/vlmA/base/checkpoints/*.pt
 #
 # Inputs (environment): BASE_PACK (pack_checkpoint.py prefix of the task-A base, unpacked to BASE_DIR, default
 # /tmp/vlmA/base: the path the plan names), STATE (a folder with the plan files and, if made, start.json and
@@ -24,7 +27,7 @@
 # host's cores less two, divided by PARALLEL, at most 6), EXPECTED_RUN_S (a run's duration: one that would
 # end after the training deadline is not started; default 0), CALL_LIMIT (the call's own limit in seconds,
 # default 590), EVAL_RESERVE_S (seconds kept for the closed-loop evaluations, default 100: one run's 40 episodes
-# took 46-47 s on an H100), INDUCTOR_CACHE, SAVE_INDUCTOR_CACHE (above), TRIALS (episodes
+# took 46-47 s on an H100), INDUCTOR_CACHE, SAVE_INDUCTOR_CACHE (above), KEEP_CHECKPOINTS (below), TRIALS (episodes
 # per synthetic task, default 5), PROBE_SCENES (task-A scenes of the diagnostics, default 600), EVAL_PARALLEL
 # (default 4), EVAL_FLAGS (default "--num_workers 4"), DEVICE
 # (start and evaluation; default cuda; the runs' device is the plan's).
@@ -105,6 +108,21 @@ mark "diagnostics rc=$?"
 [ -n "${SMI:-}" ] && kill "$SMI" 2> /dev/null
 $S pack --out "$STUDY" --dest "$OUT/study_call.tgz" --require_closed_loop 2>&1 | tee -a "$OUT/timeline.txt"
 rc=$?; mark "pack rc=$rc"
+# KEEP_CHECKPOINTS: run ids whose final checkpoint comes back too (ck_<id>.partNN, without what equals the base),
+# if its parts fit the call's 8 returned files; e.g. for an evaluation on the CPU machine at another horizon
+for id in ${KEEP_CHECKPOINTS:-}; do
+  ck=$(ls -d "$STUDY/runs/$id/$id"--*_chkpt 2> /dev/null | sort -V | tail -1)
+  [ -n "$ck" ] || { mark "no checkpoint of $id to keep"; continue; }
+  rm -rf "/tmp/keep_$id" && mkdir -p "/tmp/keep_$id"
+  if python3 vla-scripts/pack_checkpoint.py pack "$ck" "/tmp/keep_$id/ck" --ref /tmp/ref.pt \
+    "$BASE_DIR"/checkpoints/*.pt >> /tmp/pack.log 2>&1; then
+    parts=$(ls "/tmp/keep_$id"/ck.part* | wc -l); have=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+    if [ $((parts + have)) -le 8 ]; then
+      for part in "/tmp/keep_$id"/ck.part*; do mv "$part" "$OUT/ck_$id.${part##*.}"; done
+      mark "kept $(basename "$ck") as $parts part(s)"
+    else mark "$(basename "$ck") packs to $parts parts: too many to come back with $have files"; fi
+  else mark "packing $ck failed: $(tail -1 /tmp/pack.log)"; fi
+done
 if [ "${SAVE_INDUCTOR_CACHE:-0}" = 1 ] && [ -d "$IND_DIR" ]; then  # at most 8 files come back: 15 MiB parts
   (cd "$IND_DIR" && tar czf - .) | split -b 15m -d - "$OUT/inductor.tgz.part"; mark "compilation cache saved"
 fi
