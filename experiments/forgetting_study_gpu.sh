@@ -124,7 +124,11 @@ for id in ${KEEP_CHECKPOINTS:-}; do
   else mark "packing $ck failed: $(tail -1 /tmp/pack.log)"; fi
 done
 if [ "${SAVE_INDUCTOR_CACHE:-0}" = 1 ] && [ -d "$IND_DIR" ]; then  # at most 8 files come back: 15 MiB parts
-  (cd "$IND_DIR" && tar czf - .) | split -b 15m -d - "$OUT/inductor.tgz.part"; mark "compilation cache saved"
+  rm -rf /tmp/ind_parts && mkdir -p /tmp/ind_parts
+  (cd "$IND_DIR" && tar czf - .) | split -b 15m -d - /tmp/ind_parts/inductor.tgz.part
+  parts=$(ls /tmp/ind_parts | wc -l); have=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+  if [ $((parts + have)) -le 8 ]; then mv /tmp/ind_parts/* "$OUT/"; mark "compilation cache saved ($parts part(s))"
+  else mark "compilation cache not saved: $parts part(s) do not fit next to $have files"; fi
 fi
 # Every run's log and metrics, finished or not (not for merging: a stopped run's progress shows its speed)
 (cd "$STUDY" && find . \( -name '*.log' -o -name metrics.jsonl \) -not -path '*_chkpt*' -print0 \
