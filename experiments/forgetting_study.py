@@ -522,6 +522,18 @@ def cmd_drift(args: argparse.Namespace) -> dict:
     return report
 
 
+def cmd_final_checkpoint(args: argparse.Namespace) -> list[str]:
+    """Print the final checkpoint path of each ``--only`` run that finished and was evaluated closed loop (a run
+    stopped at a deadline has only earlier checkpoints: none of them is printed)."""
+    out = Path(args.out)
+    closed = read_closed_loop(out)
+    paths = [str(final_checkpoint(out, run)) for run in finished_runs(out, 1) + finished_runs(out, 2)
+             if run["run_id"] in (args.only or []) and run["run_id"] in closed]  # fmt: skip
+    for path in paths:
+        print(path)
+    return paths
+
+
 # The descriptive columns of amendment 6, read from each run's drift.json (no decision rule uses them)
 DIAGNOSTICS = {
     "probe_refit": "task-A answer probe refitted on the run, not-needed types, last layer",
@@ -535,8 +547,10 @@ def read_diagnostics(out: Path, run_id: str) -> dict[str, float] | None:
     if not path.is_file():
         return None
     report = json.loads(path.read_text())
-    probes = report["task_a_probes"]
-    last = str(probes["layers"][-1])
+    probes = report.get("task_a_probes")
+    if not probes or not probes["not_needed"] or "anchor_layer" not in report:
+        return None  # a report made without task-A probes (or with too few scenes for them)
+    last = str(max(probes["layers"]))
     return {
         "probe_refit": probes["not_needed"][last]["refit"],
         "probe_fixed": probes["not_needed"][last]["fixed"],
@@ -830,7 +844,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "command",
-        choices=("start", "plan", "run", "todo", "epsilon", "closed_loop", "drift", "analyze", "pack", "unpack"),
+        choices=(
+            "start",
+            "plan",
+            "run",
+            "todo",
+            "epsilon",
+            "closed_loop",
+            "drift",
+            "analyze",
+            "pack",
+            "unpack",
+            "final_checkpoint",
+        ),
     )
     p.add_argument("--out", required=True, help="study dir: plans, runs/, logs/, epsilon.json, results")
     p.add_argument("--base", help="task-A base run dir (pretrain_synthetic_vlm.py's <out>/base)")
@@ -857,7 +883,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task_a_seed", type=int, default=0)
     p.add_argument("--device", default="cuda")
     p.add_argument("--parallel", type=int, default=4, help="run / closed_loop: concurrent processes")
-    p.add_argument("--only", nargs="+", help="run: these run ids of the plan only (e.g. from `todo`)")
+    p.add_argument("--only", nargs="+", help="run / final_checkpoint: these run ids only (e.g. from `todo`)")
     p.add_argument("--limit", type=int, help="todo: list at most this many run ids")
     p.add_argument(
         "--deadline_unix", type=float,
@@ -889,6 +915,7 @@ def main(argv: Sequence[str] | None = None) -> object:
     args = parse_args(argv)
     commands = {"start": cmd_start, "plan": cmd_plan, "run": cmd_run, "todo": cmd_todo, "epsilon": cmd_epsilon,
                 "closed_loop": cmd_closed_loop, "drift": cmd_drift, "analyze": cmd_analyze, "pack": cmd_pack,
+                "final_checkpoint": cmd_final_checkpoint,
                 "unpack": cmd_unpack}  # fmt: skip
     return commands[args.command](args)
 

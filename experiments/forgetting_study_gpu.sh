@@ -100,37 +100,43 @@ $S closed_loop --out "$STUDY" --device "${DEVICE:-cuda}" --trials "${TRIALS:-5}"
   --eval_flags="${EVAL_FLAGS---num_workers 4}" --deadline_unix $((T0 + CALL_LIMIT - 40)) 2>&1 \
   | tee -a "$OUT/timeline.txt"
 mark "evaluation rc=$?"
-# amendment 6's representation diagnostics (probes, CKA) of each evaluated run, in the time that is left; a run
-# whose diagnostics are cut off still counts and is packed without them
+# amendment 6's representation diagnostics (probes, CKA) of each evaluated run, in the time that is left (less
+# 30 s when checkpoints are to be packed); a run whose diagnostics are cut off still counts, packed without them
+DRIFT_END=$((CALL_LIMIT - 40)); [ -n "${KEEP_CHECKPOINTS:-}" ] && DRIFT_END=$((DRIFT_END - 30))
 $S drift --out "$STUDY" --device "${DEVICE:-cuda}" --probe_scenes "${PROBE_SCENES:-600}" --parallel 1 \
-  --deadline_unix $((T0 + CALL_LIMIT - 40)) 2>&1 | tee -a "$OUT/timeline.txt"
+  --deadline_unix $((T0 + DRIFT_END)) 2>&1 | tee -a "$OUT/timeline.txt"
 mark "diagnostics rc=$?"
 [ -n "${SMI:-}" ] && kill "$SMI" 2> /dev/null
 $S pack --out "$STUDY" --dest "$OUT/study_call.tgz" --require_closed_loop 2>&1 | tee -a "$OUT/timeline.txt"
 rc=$?; mark "pack rc=$rc"
-# KEEP_CHECKPOINTS: run ids whose final checkpoint comes back too (ck_<id>.partNN, without what equals the base),
-# if its parts fit the call's 8 returned files; e.g. for an evaluation on the CPU machine at another horizon
-for id in ${KEEP_CHECKPOINTS:-}; do
-  ck=$(ls -d "$STUDY/runs/$id/$id"--*_chkpt 2> /dev/null | sort -V | tail -1)
-  [ -n "$ck" ] || { mark "no checkpoint of $id to keep"; continue; }
-  rm -rf "/tmp/keep_$id" && mkdir -p "/tmp/keep_$id"
-  if python3 vla-scripts/pack_checkpoint.py pack "$ck" "/tmp/keep_$id/ck" --ref /tmp/ref.pt \
-    "$BASE_DIR"/checkpoints/*.pt >> /tmp/pack.log 2>&1; then
-    parts=$(ls "/tmp/keep_$id"/ck.part* | wc -l); have=$(find "$OUT" -maxdepth 1 -type f | wc -l)
-    if [ $((parts + have)) -le 8 ]; then
-      for part in "/tmp/keep_$id"/ck.part*; do mv "$part" "$OUT/ck_$id.${part##*.}"; done
-      mark "kept $(basename "$ck") as $parts part(s)"
-    else mark "$(basename "$ck") packs to $parts parts: too many to come back with $have files"; fi
-  else mark "packing $ck failed: $(tail -1 /tmp/pack.log)"; fi
-done
-if [ "${SAVE_INDUCTOR_CACHE:-0}" = 1 ] && [ -d "$IND_DIR" ]; then  # at most 8 files come back: 15 MiB parts
-  rm -rf /tmp/ind_parts && mkdir -p /tmp/ind_parts
-  (cd "$IND_DIR" && tar czf - .) | split -b 15m -d - /tmp/ind_parts/inductor.tgz.part
-  parts=$(ls /tmp/ind_parts | wc -l); have=$(find "$OUT" -maxdepth 1 -type f | wc -l)
-  if [ $((parts + have)) -le 8 ]; then mv /tmp/ind_parts/* "$OUT/"; mark "compilation cache saved ($parts part(s))"
-  else mark "compilation cache not saved: $parts part(s) do not fit next to $have files"; fi
-fi
 # Every run's log and metrics, finished or not (not for merging: a stopped run's progress shows its speed)
 (cd "$STUDY" && find . \( -name '*.log' -o -name metrics.jsonl \) -not -path '*_chkpt*' -print0 \
   | tar czf "$OUT_ABS/progress.tgz" --null -T -)
+# Optional parts come back only if they fit: at most 8 files in all, and under 60 MiB (the return limit is 64)
+fits() {
+  local parts have bytes
+  parts=$(find "$1" -type f | wc -l); have=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+  bytes=$(cat "$OUT"/* "$1"/* 2> /dev/null | wc -c)
+  [ $((parts + have)) -le 8 ] && [ "$bytes" -le $((60 * 1048576)) ]
+}
+# KEEP_CHECKPOINTS: run ids whose final checkpoint comes back too (ck_<id>.partNN, without what equals the base),
+# only for runs that finished and were evaluated; e.g. for an evaluation on the CPU machine at another horizon
+for id in ${KEEP_CHECKPOINTS:-}; do
+  ck=$($S final_checkpoint --out "$STUDY" --only "$id" 2> /dev/null | tail -1)
+  [ -n "$ck" ] && [ -d "$ck" ] || { mark "$id has no finished, evaluated final checkpoint to keep"; continue; }
+  rm -rf "/tmp/keep_$id" && mkdir -p "/tmp/keep_$id"
+  if python3 vla-scripts/pack_checkpoint.py pack "$ck" "/tmp/keep_$id/ck" --ref /tmp/ref.pt \
+    "$BASE_DIR"/checkpoints/*.pt >> /tmp/pack.log 2>&1; then
+    if fits "/tmp/keep_$id"; then
+      for part in "/tmp/keep_$id"/ck.part*; do mv "$part" "$OUT/ck_$id.${part##*.}"; done
+      mark "kept $(basename "$ck") ($(find "$OUT" -name "ck_$id.part*" | wc -l) part(s))"
+    else mark "$(basename "$ck") not kept: its parts do not fit next to what comes back"; fi
+  else mark "packing $ck failed: $(tail -1 /tmp/pack.log)"; fi
+done
+if [ "${SAVE_INDUCTOR_CACHE:-0}" = 1 ] && [ -d "$IND_DIR" ]; then
+  rm -rf /tmp/ind_parts && mkdir -p /tmp/ind_parts
+  (cd "$IND_DIR" && tar czf - .) | split -b 15m -d - /tmp/ind_parts/inductor.tgz.part
+  if fits /tmp/ind_parts; then mv /tmp/ind_parts/* "$OUT/"; mark "compilation cache saved"
+  else mark "compilation cache not saved: its parts do not fit next to what comes back"; fi
+fi
 exit "$rc"

@@ -283,8 +283,26 @@ def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: P
         np.mean([probes["by_type"][t][str(probes["layers"][-1])]["refit"] for t in ("shape", "count", "exist",
                  "relation") if t in probes["by_type"]]), abs=1e-12
     )  # fmt: skip
+    diagnostics = result["arms"]["plain"]["diagnostics"]
+    assert diagnostics["cka_task_a"]["mean"] == probes["cka_patches"][plain_drift["anchor_layer"]]
+    assert diagnostics["probe_fixed"]["mean"] == pytest.approx(
+        np.mean([probes["by_type"][t][str(probes["layers"][-1])]["fixed"] for t in ("shape", "count", "exist",
+                 "relation") if t in probes["by_type"]]), abs=1e-12
+    )  # fmt: skip
     assert result["arms"]["plain"]["diagnostic_seeds"] == [0]
-    assert "| plain | 1 |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    cells = " | ".join(f"{d['mean']:.3f} ({d['low']:.3f}..{d['high']:.3f})" for d in diagnostics.values())
+    assert f"| plain | 1 | {cells} |" in md  # the representation table's row
+    # a report made without task-A probes gives no diagnostics (not a crash)
+    (out / "drift" / "old").mkdir()
+    (out / "drift" / "old" / "drift.json").write_text(json.dumps({k: v for k, v in plain_drift.items()
+                                                                   if k != "task_a_probes"}))  # fmt: skip
+    assert study.read_diagnostics(out, "old") is None
+    shutil.rmtree(out / "drift" / "old")
+    # only a finished, evaluated run's final checkpoint is offered for keeping (KEEP_CHECKPOINTS)
+    kept = study.cmd_final_checkpoint(study.parse_args(["final_checkpoint", "--only", "plain--s0", "nope", *common]))
+    assert kept == [str(out / "runs" / "plain--s0" / "plain--s0--2_chkpt")]
+    assert Path(kept[0]).is_dir()
     assert result["arms"]["plain"]["success"] == closed["plain--s0"]["success"]
     assert result["p2"] == ("success" if max(c["success"] for c in closed.values()) >= 0.2 else "val_l1")
 

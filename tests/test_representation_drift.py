@@ -4,7 +4,8 @@ References: (1) the checkpoint against itself: CKA 1, drift 0, L_ret 0, fixed pr
 task-A probes' fixed == refit == the reference's own; (2) the checkpoint against its start point, recomputed on a
 second path: the start model rebuilt from its seed by make_tiny_checkpoint (not loaded from disk), the fine-tuned
 model through the evaluation's loader (experiments/robot/policy.py), the bridge features and metrics recomputed
-here (1e-6); the task-A answer states through the LM head give the logits task-A accuracy is scored with.
+here (1e-6); the task-A answer states equal each prompt's last state in an unpadded forward of its own, and
+through the LM head give the logits task-A accuracy is scored with.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _drift(ckpt, out, *extra):
 
 
 def test_a_checkpoint_against_itself_has_not_moved(trained, tmp_path):
-    report = _drift(trained, tmp_path / "self", "--reference", str(trained), "--task_a_probes", "12")
+    report = _drift(trained, tmp_path / "self", "--reference", str(trained), "--task_a_probes", "24")
     for row in report["layers"]:
         assert row["cka_patches"] == pytest.approx(1.0, abs=1e-9)
         if row["layer"] == 0:  # the action-query embeddings are the same for every frame: CKA undefined
@@ -54,7 +55,7 @@ def test_a_checkpoint_against_itself_has_not_moved(trained, tmp_path):
     assert (tmp_path / "self" / "drift.png").stat().st_size > 0
     probes = report["task_a_probes"]
     assert probes["layers"] == [1, 2, 4]  # L/4, L/2, L of the tiny model's 4 layers
-    assert set(probes["by_type"]) == set(QUESTION_TYPES)  # 12 scenes allow every type
+    assert set(probes["by_type"]) == set(QUESTION_TYPES)  # 24 scenes allow every type (>= 5 fits each)
     for per_layer in probes["by_type"].values():
         for row in per_layer.values():
             assert row["fixed"] == row["refit"] == row["reference"]
@@ -106,9 +107,9 @@ def test_against_the_start_point_matches_a_second_path(trained, tmp_path, tiny_b
 
 
 def test_task_a_probes_against_a_second_path(trained, tmp_path, tiny_base):
-    """Probes and CKA of the start point vs the tuned checkpoint, recomputed here: the answer states from a plain
-    forward (the last layer's through the LM head equal the logits accuracy is scored with), probes refitted with
-    the same rule on the same scene halves; patch states do not depend on the question (causal prompt)."""
+    """Probes and CKA of the start point vs the tuned checkpoint, recomputed here: the answer states against
+    unpadded single-prompt forwards, probes refitted with the same rule on the same scene halves; patch states do
+    not depend on the question (causal prompt)."""
     report = _drift(trained, tmp_path / "probes", "--task_a_probes", "10", "--probe_layers", "1", "2")
     tool = load_script("representation_drift")
     rows = tool.task_a_questions(10, 0)
@@ -118,8 +119,15 @@ def test_task_a_probes_against_a_second_path(trained, tmp_path, tiny_base):
     encoder = QuestionEncoder(load_qwen_tokenizer())
     images, questions = [r[2] for r in rows], [r[3] for r in rows]
     at_answer, patches = question_states(tuned, encoder, images, questions, batch_size=7)
-    with torch.no_grad():
-        batch = encoder(questions[:5])
+    with torch.no_grad():  # each prompt alone, unpadded: its answer state is the last position's
+        for i in (0, 3, len(rows) - 1):
+            ids = torch.tensor([encoder.prompt_ids(questions[i])])
+            out = tuned(input_ids=ids, attention_mask=torch.ones_like(ids, dtype=torch.bool),
+                        pixel_values=vlm_pixels(torch.as_tensor(images[i][None])), output_hidden_states=True,
+                        return_logits=False)  # fmt: skip
+            for layer in (1, 4):
+                assert torch.allclose(at_answer[layer][i], out.hidden_states[layer][0, -1], atol=1e-5)
+        batch = encoder(questions[:5])  # and the last layer's answer states give the logits accuracy is scored with
         logits = answer_logits(tuned, vlm_pixels(torch.as_tensor(np.stack(images[:5]))), batch)
         assert torch.allclose(tuned.language_model.lm_head(at_answer[-1][:5]), logits, atol=1e-5)
     same_scene = [i for i in range(1, len(rows)) if rows[i][0] == rows[0][0]]
@@ -135,8 +143,10 @@ def test_task_a_probes_against_a_second_path(trained, tmp_path, tiny_base):
         sel = torch.tensor([r[1] == qtype for r in rows])
         fit, score = sel & fit_half, sel & ~fit_half
         for layer in (1, 2):
-            refit = ridge_probe(at_answer[layer][fit], labels[fit]).accuracy(at_answer[layer][score], labels[score])
-            fixed = ridge_probe(ref_answer[layer][fit], labels[fit]).accuracy(at_answer[layer][score], labels[score])
+            refit_probe = ridge_probe(at_answer[layer][fit], labels[fit], per_layer[str(layer)]["l2_refit"])
+            fixed_probe = ridge_probe(ref_answer[layer][fit], labels[fit], per_layer[str(layer)]["l2_fixed"])
+            refit = refit_probe.accuracy(at_answer[layer][score], labels[score])
+            fixed = fixed_probe.accuracy(at_answer[layer][score], labels[score])
             assert per_layer[str(layer)]["refit"] == pytest.approx(refit, abs=1e-9)
             assert per_layer[str(layer)]["fixed"] == pytest.approx(fixed, abs=1e-9)
             checked += 1

@@ -20,6 +20,7 @@ from prismatic.training.representation_metrics import (
     debiased_linear_cka,
     relative_drift,
     ridge_probe,
+    ridge_probe_cv,
 )
 
 
@@ -78,3 +79,39 @@ def test_ridge_probe_matches_the_normal_equations_and_separates_classes():
     assert probe.accuracy(torch.from_numpy(held), torch.from_numpy(held_labels)) > 0.9
     shuffled = torch.from_numpy(rng.permutation(held_labels))
     assert probe.accuracy(torch.from_numpy(held), shuffled) < 0.6
+
+
+def _numpy_ridge_accuracy(x_fit, y_fit, x_held, y_held, l2):
+    classes = np.unique(y_fit)
+    targets = (y_fit[:, None] == classes[None]).astype(float)
+    mean = x_fit.mean(0)
+    xc = x_fit - mean
+    penalty = l2 * np.mean(np.sum(xc**2, axis=0))
+    weight = np.linalg.solve(xc.T @ xc + penalty * np.eye(x_fit.shape[1]), xc.T @ (targets - targets.mean(0)))
+    predicted = classes[np.argmax((x_held - mean) @ weight + targets.mean(0), axis=1)]
+    return np.mean(predicted == y_held)
+
+
+def test_cross_validated_ridge_picks_the_penalty_numpy_picks():
+    """Few examples, many noisy dimensions: the folds' accuracies (numpy, written out) decide the penalty."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 4, size=60)
+    x = rng.normal(size=(60, 80)) + 1.5 * np.eye(80)[labels]  # 4 informative axes among 80
+    grid = (1e-4, 1e-2, 1.0, 100.0)
+    bounds = [round(k * 60 / 5) for k in range(6)]
+    scores = []
+    for l2 in grid:
+        acc = []
+        for k in range(5):
+            held = np.zeros(60, dtype=bool)
+            held[bounds[k] : bounds[k + 1]] = True
+            acc.append(_numpy_ridge_accuracy(x[~held], labels[~held], x[held], labels[held], l2))
+        scores.append(np.mean(acc))
+    expected = max(range(4), key=lambda i: (scores[i], grid[i]))
+    probe = ridge_probe_cv(torch.from_numpy(x), torch.from_numpy(labels), grid=grid)
+    assert probe.l2 == grid[expected]
+    assert len(set(scores)) > 1  # the grid matters here, so choosing wrongly would show
+    refit = ridge_probe(torch.from_numpy(x), torch.from_numpy(labels), grid[expected])
+    assert torch.equal(probe.weight, refit.weight)
+    with pytest.raises(ValueError, match="at least 5 examples"):
+        ridge_probe_cv(torch.from_numpy(x[:4]), torch.from_numpy(labels[:4]))

@@ -24,7 +24,8 @@ Measured, per LLM hidden state l = 0 (embeddings) .. L, over the same frames on 
     question type each scene allows, the hidden state at the answer position (where the LM head reads the answer)
     at ``--probe_layers`` (default: a quarter, half and all of the LLM's layers, {2, 4, 8} for 8): per type, a
     "fixed" probe fitted on the reference's states of the first half of the scenes scores the checkpoint's states
-    of the second half, a "refit" one is fitted and scored on the checkpoint's (refit high while the LM head's
+    of the second half, a "refit" one is fitted and scored on the checkpoint's (ridge, penalty by 5-fold
+    cross-validation on the fitting half; refit high while the LM head's
     accuracy fell = the answer is still there, the read-out moved); and, at every layer, the CKA of the two models'
     mean-pooled vision-patch states on those scenes (task-A images, not task B's frames).
 Writes drift.json (every number, the command, both model paths) and drift.png.
@@ -49,7 +50,7 @@ from prismatic.training.data_setup import build_training_data
 from prismatic.training.distributed import DistributedContext
 from prismatic.training.finetune_config import FinetuneConfig
 from prismatic.training.model_setup import load_start_point
-from prismatic.training.representation_metrics import debiased_linear_cka, relative_drift, ridge_probe
+from prismatic.training.representation_metrics import debiased_linear_cka, relative_drift, ridge_probe, ridge_probe_cv
 from prismatic.training.run_dir import checkpoint_config
 from prismatic.vla.constants import IGNORE_INDEX
 
@@ -226,7 +227,7 @@ def task_a_probes(
     ref_answer, ref_patches = question_states(reference, encoder, images, questions, device=device)
     cand_answer, cand_patches = question_states(candidate, encoder, images, questions, device=device)
     num_layers = len(ref_answer) - 1
-    layers = list(layers) if layers else default_probe_layers(num_layers)
+    layers = sorted(set(layers)) if layers else default_probe_layers(num_layers)
     if not all(0 <= layer <= num_layers for layer in layers):
         raise SystemExit(f"--probe_layers {layers}: the model has hidden states 0..{num_layers}")
     scene = torch.tensor([r[0] for r in rows])
@@ -237,16 +238,18 @@ def task_a_probes(
     for qtype in QUESTION_TYPES:
         sel = torch.tensor([t == qtype for t in qtypes])
         fit, score = sel & fit_half, sel & ~fit_half
-        if len(torch.unique(labels[fit])) < 2 or not score.any():
+        if len(torch.unique(labels[fit])) < 2 or int(fit.sum()) < 5 or not score.any():
             continue  # too few scenes for this type: no probe
         by_type[qtype] = {}
         for layer in layers:
-            fixed = ridge_probe(ref_answer[layer][fit], labels[fit])
-            refit = ridge_probe(cand_answer[layer][fit], labels[fit])
+            fixed = ridge_probe_cv(ref_answer[layer][fit], labels[fit])  # penalty by 5-fold CV on the fit half
+            refit = ridge_probe_cv(cand_answer[layer][fit], labels[fit])
             by_type[qtype][str(layer)] = {
                 "reference": fixed.accuracy(ref_answer[layer][score], labels[score]),
                 "fixed": fixed.accuracy(cand_answer[layer][score], labels[score]),
                 "refit": refit.accuracy(cand_answer[layer][score], labels[score]),
+                "l2_fixed": fixed.l2,
+                "l2_refit": refit.l2,
                 "n_fit": int(fit.sum()),
                 "n_score": int(score.sum()),
             }

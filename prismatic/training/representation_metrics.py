@@ -8,7 +8,7 @@ All in float64 (these are measurements, not training math). Conventions:
 * ``relative_drift(h, h0)``: ||h - h0|| / ||h0|| per example (Frobenius over the remaining dims), averaged.
 * ``ridge_probe``: a linear classifier (one-hot ridge regression with intercept) fitted on one set of features
   and scored on another: "fixed" probes fit on the start model and read the fine-tuned one, "refit" probes fit
-  on the fine-tuned model itself.
+  on the fine-tuned model itself; ``ridge_probe_cv`` chooses its penalty by cross-validation on the fitting set.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class RidgeProbe:
     weight: Tensor  # [d, c]
     bias: Tensor  # [c]
     classes: Tensor  # [c] label values, in column order
+    l2: float  # the penalty it was fitted with
 
     def predict(self, x: Tensor) -> Tensor:
         scores = (x.double().flatten(1) - self.mean) @ self.weight + self.bias
@@ -87,4 +88,31 @@ def ridge_probe(x: Tensor, labels: Tensor, l2: float = 1e-2) -> RidgeProbe:
     scale = torch.diagonal(gram).mean().clamp_min(1e-12)
     weight = torch.linalg.solve(gram + l2 * scale * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ targets)
     bias = targets.mean(dim=0)
-    return RidgeProbe(mean, weight, bias, classes)
+    return RidgeProbe(mean, weight, bias, classes, l2)
+
+
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0)
+
+
+def ridge_probe_cv(x: Tensor, labels: Tensor, grid: tuple[float, ...] = RIDGE_GRID, folds: int = 5) -> RidgeProbe:
+    """``ridge_probe`` with ``l2`` chosen by ``folds``-fold cross-validation on (x, labels) alone.
+
+    Why: the study's probes fit a few hundred examples of 256-wide states, where a fixed penalty may over- or
+    under-fit and make a probe's accuracy say more about the probe than about the representation. Folds are
+    contiguous blocks in the given order; the l2 with the best mean held-out accuracy wins (ties: the larger l2);
+    the returned probe is refitted on everything with it (its ``l2`` says which).
+    """
+    n = x.shape[0]
+    if n < folds:
+        raise ValueError(f"{folds}-fold cross-validation needs at least {folds} examples, got {n}")
+    bounds = [round(k * n / folds) for k in range(folds + 1)]
+    scores = []
+    for l2 in grid:
+        accuracy = []
+        for k in range(folds):
+            held = torch.zeros(n, dtype=torch.bool)
+            held[bounds[k] : bounds[k + 1]] = True
+            accuracy.append(ridge_probe(x[~held], labels[~held], l2).accuracy(x[held], labels[held]))
+        scores.append(sum(accuracy) / folds)
+    best = max(range(len(grid)), key=lambda i: (scores[i], grid[i]))
+    return ridge_probe(x, labels, grid[best])
