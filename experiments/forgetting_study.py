@@ -502,6 +502,8 @@ def cmd_drift(args: argparse.Namespace) -> dict:
             check_base(read_plan(out, phase), phase)
     jobs, missing = [], []
     for run in finished_runs(out, 1) + finished_runs(out, 2):
+        if args.only and run["run_id"] not in args.only:
+            continue
         dest = drift_dir(out, run["run_id"])
         if (dest / "drift.json").is_file():
             continue
@@ -883,7 +885,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task_a_seed", type=int, default=0)
     p.add_argument("--device", default="cuda")
     p.add_argument("--parallel", type=int, default=4, help="run / closed_loop: concurrent processes")
-    p.add_argument("--only", nargs="+", help="run / final_checkpoint: these run ids only (e.g. from `todo`)")
+    p.add_argument("--only", nargs="+", help="run / drift / final_checkpoint: these run ids only (e.g. from `todo`)")
     p.add_argument("--limit", type=int, help="todo: list at most this many run ids")
     p.add_argument(
         "--deadline_unix", type=float,

@@ -267,38 +267,24 @@ def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: P
     identity = json.loads((out / "eval" / "plain--s0-h1" / "run_identity.json").read_text())
     assert identity["num_open_loop_steps"] == closed["plain--s0"]["open_loop_steps"] == 1  # the study's default
     assert identity["image_preprocessing"] == "torch_source"  # as the runs' training data (no TensorFlow needed)
-    # amendment 6's diagnostics of each final checkpoint; the frozen arm's VLM has not moved, so its start-model
-    # probe reads it exactly as before (fixed == refit == start) and its task-A CKA is 1
-    drift = study.cmd_drift(study.parse_args(["drift", "--probe_scenes", "8", "--parallel", "2", *common]))
-    assert drift["codes"] == {"drift-plain--s0": 0, "drift-frozen--s0": 0}
-    assert study.cmd_drift(study.parse_args(["drift", *common]))["codes"] == {}  # reports exist: nothing to do
+    # amendment 6's diagnostics of a final checkpoint (one run here, to keep the suite short; the column arithmetic
+    # is checked on a report with distinct values per layer in test_diagnostic_columns_read_the_planned_entries).
+    # The frozen arm's VLM has not moved: the start model's probe reads it exactly as before (fixed == refit ==
+    # start) and its task-A CKA is 1
+    drift = study.cmd_drift(study.parse_args(["drift", "--only", "frozen--s0", "--probe_scenes", "16", *common]))
+    assert drift["codes"] == {"drift-frozen--s0": 0}
+    assert study.cmd_drift(study.parse_args(["drift", "--only", "frozen--s0", *common]))["codes"] == {}  # done
     frozen = study.read_diagnostics(out, "frozen--s0")
     assert frozen["probe_fixed"] == frozen["probe_refit"] == frozen["probe_start"]
     assert frozen["cka_task_a"] == pytest.approx(1.0, abs=1e-9)
     result = study.cmd_analyze(study.parse_args(["analyze", *common]))
     assert set(result["arms"]) == {"plain", "frozen"}
-    plain_drift = json.loads((out / "drift" / "plain--s0" / "drift.json").read_text())
-    probes = plain_drift["task_a_probes"]
-    assert result["arms"]["plain"]["diagnostics"]["probe_refit"]["mean"] == pytest.approx(
-        np.mean([probes["by_type"][t][str(probes["layers"][-1])]["refit"] for t in ("shape", "count", "exist",
-                 "relation") if t in probes["by_type"]]), abs=1e-12
-    )  # fmt: skip
-    diagnostics = result["arms"]["plain"]["diagnostics"]
-    assert diagnostics["cka_task_a"]["mean"] == probes["cka_patches"][plain_drift["anchor_layer"]]
-    assert diagnostics["probe_fixed"]["mean"] == pytest.approx(
-        np.mean([probes["by_type"][t][str(probes["layers"][-1])]["fixed"] for t in ("shape", "count", "exist",
-                 "relation") if t in probes["by_type"]]), abs=1e-12
-    )  # fmt: skip
-    assert result["arms"]["plain"]["diagnostic_seeds"] == [0]
-    md = (out / "results.md").read_text()
+    assert result["arms"]["plain"]["diagnostics"] == {}  # no report: the columns count the seeds that have one
+    diagnostics = result["arms"]["frozen"]["diagnostics"]
+    assert {k: d["mean"] for k, d in diagnostics.items()} == {k: frozen[k] for k in study.DIAGNOSTICS}
+    assert result["arms"]["frozen"]["diagnostic_seeds"] == [0]
     cells = " | ".join(f"{d['mean']:.3f} ({d['low']:.3f}..{d['high']:.3f})" for d in diagnostics.values())
-    assert f"| plain | 1 | {cells} |" in md  # the representation table's row
-    # a report made without task-A probes gives no diagnostics (not a crash)
-    (out / "drift" / "old").mkdir()
-    (out / "drift" / "old" / "drift.json").write_text(json.dumps({k: v for k, v in plain_drift.items()
-                                                                   if k != "task_a_probes"}))  # fmt: skip
-    assert study.read_diagnostics(out, "old") is None
-    shutil.rmtree(out / "drift" / "old")
+    assert f"| frozen | 1 | {cells} |" in (out / "results.md").read_text()  # the representation table's row
     # only a finished, evaluated run's final checkpoint is offered for keeping (KEEP_CHECKPOINTS)
     kept = study.cmd_final_checkpoint(study.parse_args(["final_checkpoint", "--only", "plain--s0", "nope", *common]))
     assert kept == [str(out / "runs" / "plain--s0" / "plain--s0--2_chkpt")]
@@ -311,7 +297,7 @@ def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: P
     packed = study.cmd_pack(study.parse_args(["pack", "--out", str(out), "--dest", tgz, "--require_closed_loop"]))
     assert "runs/plain--s0/metrics.jsonl" in packed
     assert "eval/frozen--s0-h1/summary.json" in packed
-    assert "drift/plain--s0/drift.json" in packed
+    assert "drift/frozen--s0/drift.json" in packed
     assert not [m for m in packed if "_chkpt" in m]
     only_plain = {"plain--s0": closed["plain--s0"]}  # as if frozen's evaluation had been cut off
     (out / "closed_loop.json").write_text(json.dumps(only_plain))
@@ -352,3 +338,21 @@ def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: P
     (out / "start.json").write_text(json.dumps({**start, "questions": 9}))
     with pytest.raises(SystemExit, match="different questions"):
         study.cmd_analyze(study.parse_args(["analyze", *common]))
+
+
+def test_diagnostic_columns_read_the_planned_entries(tmp_path: Path):
+    """read_diagnostics takes the not-needed types' means at the last probed layer and the task-A CKA at the C_R
+    layer (each layer here has its own value, so a wrong index shows), and ignores reports without probes."""
+    layers = {str(k): {"reference": 0.9 + k / 100, "fixed": 0.5 + k / 100, "refit": 0.7 + k / 100} for k in (2, 4, 8)}
+    report = {"anchor_layer": 4, "task_a_probes": {"layers": [8, 2, 4], "not_needed": layers, "needed": {},
+                                                   "cka_patches": [0.1 * k for k in range(9)]}}  # fmt: skip
+    (tmp_path / "drift" / "r").mkdir(parents=True)
+    (tmp_path / "drift" / "r" / "drift.json").write_text(json.dumps(report))
+    assert study.read_diagnostics(tmp_path, "r") == pytest.approx(
+        {"probe_refit": 0.78, "probe_fixed": 0.58, "probe_start": 0.98, "cka_task_a": 0.4}, abs=1e-12
+    )
+    for broken in ({**report, "task_a_probes": None}, {k: v for k, v in report.items() if k != "anchor_layer"},
+                   {**report, "task_a_probes": {**report["task_a_probes"], "not_needed": {}}}):  # fmt: skip
+        (tmp_path / "drift" / "r" / "drift.json").write_text(json.dumps(broken))
+        assert study.read_diagnostics(tmp_path, "r") is None
+    assert study.read_diagnostics(tmp_path, "absent") is None
