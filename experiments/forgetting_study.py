@@ -602,7 +602,9 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
         row["seeds"] = sorted(seeds)
         diag = {s: v["diagnostics"] for s, v in seeds.items() if v["diagnostics"]}
         row["diagnostic_seeds"] = sorted(diag)
-        row["diagnostics"] = {k: mean_ci({s: d[k] for s, d in diag.items()}).__dict__ for k in DIAGNOSTICS if diag}
+        row["diagnostics"] = (
+            {k: mean_ci({s: d[k] for s, d in diag.items()}).__dict__ for k in DIAGNOSTICS} if diag else {}
+        )
         if arm != "plain":
             improvement = paired_bootstrap({s: plain[s]["p1"] for s in plain}, {s: v["p1"] for s, v in seeds.items()})
             row["p1_improvement_vs_plain"] = improvement.__dict__

@@ -134,6 +134,8 @@ def test_task_a_probes_against_a_second_path(trained, tmp_path, tiny_base):
     assert same_scene
     assert all(torch.allclose(p[0], p[same_scene[0]], atol=1e-5) for p in patches)
     start = load_script("make_tiny_checkpoint").build_tiny_policy(seed=1).vla  # question prompts hold no queries
+    with pytest.raises(SystemExit, match=r"--probe_layers \[5\]: the model has hidden states 0..4"):
+        tool.task_a_probes(start, tuned, 4, 0, torch.device("cpu"), [5])  # refused before any forward
     ref_answer, ref_patches = question_states(start.eval(), encoder, images, questions)
     labels = torch.tensor([encoder.answer_id(r[4]) for r in rows])
     fit_half = torch.tensor([r[0] < 5 for r in rows])

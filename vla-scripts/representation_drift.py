@@ -25,9 +25,9 @@ Measured, per LLM hidden state l = 0 (embeddings) .. L, over the same frames on 
     at ``--probe_layers`` (default: a quarter, half and all of the LLM's layers, {2, 4, 8} for 8): per type, a
     "fixed" probe fitted on the reference's states of the first half of the scenes scores the checkpoint's states
     of the second half, a "refit" one is fitted and scored on the checkpoint's (ridge, penalty by 5-fold
-    cross-validation on the fitting half; refit high while the LM head's
-    accuracy fell = the answer is still there, the read-out moved); and, at every layer, the CKA of the two models'
-    mean-pooled vision-patch states on those scenes (task-A images, not task B's frames).
+    cross-validation on the fitting half; refit high while the LM head's accuracy fell = the answer is still
+    there, the read-out moved); and, at every layer, the CKA of the two models' mean-pooled vision-patch states on
+    those scenes (task-A images, not task B's frames).
 Writes drift.json (every number, the command, both model paths) and drift.png.
 """
 
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prismatic.extern.hf.modeling_prismatic import _gather_positions
+from prismatic.extern.hf.modeling_prismatic import _gather_positions, patch_states
 from prismatic.models.checkpoints import load_vla_release
 from prismatic.training.craft_utils import CRaFTFeatureExtractor, resolve_anchor_layer, retention_loss
 from prismatic.training.data_setup import build_training_data
@@ -121,7 +121,7 @@ def collect(vla: torch.nn.Module, batches: list[dict], cfg: FinetuneConfig, devi
             out_c.patches = [[] for _ in out.hidden_states]
             out_c.queries = [[] for _ in out.hidden_states]
         for layer, hidden in enumerate(out.hidden_states):
-            out_c.patches[layer].append(hidden[:, 1 : 1 + num_patches].float().cpu())
+            out_c.patches[layer].append(patch_states(hidden, num_patches).float().cpu())
             queries = _gather_positions(hidden, out.readout_positions)  # [B, 64, D]
             out_c.queries[layer].append(queries.float().mean(dim=1).cpu())
         out_c.bridge.append(extractor(out.raw_latent_features, out.action_query_features).float().cpu())
@@ -221,15 +221,15 @@ def task_a_probes(
     from prismatic.vla.datasets.synthetic_vqa import QUESTION_TYPES, TASK_B_SKILLS
     from prismatic.vla.tokenizer import load_qwen_tokenizer
 
+    num_layers = reference.config.text_config.num_hidden_layers  # hidden states 0 (embeddings) .. L
+    layers = sorted(set(layers)) if layers else default_probe_layers(num_layers)
+    if not all(0 <= layer <= num_layers for layer in layers):  # before any forward
+        raise SystemExit(f"--probe_layers {layers}: the model has hidden states 0..{num_layers}")
     rows = task_a_questions(count, seed)
     encoder = QuestionEncoder(load_qwen_tokenizer())
     images, questions = [r[2] for r in rows], [r[3] for r in rows]
     ref_answer, ref_patches = question_states(reference, encoder, images, questions, device=device)
     cand_answer, cand_patches = question_states(candidate, encoder, images, questions, device=device)
-    num_layers = len(ref_answer) - 1
-    layers = sorted(set(layers)) if layers else default_probe_layers(num_layers)
-    if not all(0 <= layer <= num_layers for layer in layers):
-        raise SystemExit(f"--probe_layers {layers}: the model has hidden states 0..{num_layers}")
     scene = torch.tensor([r[0] for r in rows])
     labels = torch.tensor([encoder.answer_id(r[4]) for r in rows])
     qtypes = [r[1] for r in rows]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from prismatic.extern.hf.modeling_prismatic import patch_states
 from prismatic.extern.hf.processing_prismatic import normalize_uint8_images
 from prismatic.vla.constants import PAD_TOKEN_ID
 from prismatic.vla.datasets.synthetic_vqa import render_scene, scene_rng
@@ -172,7 +173,7 @@ def question_states(
             at_answer, patches = [[] for _ in out.hidden_states], [[] for _ in out.hidden_states]
         for layer, hidden in enumerate(out.hidden_states):
             at_answer[layer].append(hidden[answer_at].float().cpu())
-            patches[layer].append(hidden[:, 1 : 1 + num_patches].float().mean(dim=1).cpu())
+            patches[layer].append(patch_states(hidden, num_patches).float().mean(dim=1).cpu())
     vla.train(was_training)
     return [torch.cat(h) for h in at_answer], [torch.cat(h) for h in patches]
 

@@ -71,6 +71,11 @@ def action_slot_mask_from_labels(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def patch_states(hidden: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """[B, P, D] vision-patch states of a [B, T, D] hidden state: the P patches sit right after the first token."""
+    return hidden[:, 1 : 1 + num_patches]
+
+
 def readout_positions(action_slot_mask: torch.Tensor, num_patches: int) -> torch.Tensor:
     """Long[B, 64]: sequence positions P + s_k - 1 the action head reads (last prompt token + first 63 slots)."""
     _check_slots_per_row(action_slot_mask, "action_slot_mask")
@@ -367,7 +372,7 @@ class PrismaticForConditionalGeneration(PrismaticPreTrainedModel):
             raise ValueError("output_craft_features needs action slots: pass labels or action_slot_mask")
         if num_patches == 0:
             raise ValueError("output_craft_features needs pixel_values (C_R are the vision patches)")
-        return hidden_states[anchor][:, 1 : 1 + num_patches], _gather_positions(hidden_states[-1], positions)
+        return patch_states(hidden_states[anchor], num_patches), _gather_positions(hidden_states[-1], positions)
 
     def forward(
         self,
