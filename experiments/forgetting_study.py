@@ -663,11 +663,28 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
               "start_probe": sorted(starts),
               "complete": complete, "missing_runs": missing, "seeds": seeds,
               "uninformative": table["plain"]["p1"] < 0.03}  # fmt: skip
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(finite_or_none(result), indent=2, allow_nan=False) + "\n")
     (out / "results.md").write_text(results_markdown(result))
     plot_results(table, out / "results.png")
+    plot_curves(out, runs, start, out / "curves.png")
     print((out / "results.md").read_text())
     return result
+
+
+def finite_or_none(value: object) -> object:
+    """The results with every non-finite float as None (null in JSON): a metric an arm does not produce, e.g. the
+    held-out L_ret of ``frozen``, which trains without the CRaFT machinery that measures it."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def cell(value: float, spec: str) -> str:
+    return format(value, spec) if np.isfinite(value) else "n/a"
 
 
 def results_markdown(result: dict) -> str:
@@ -683,7 +700,11 @@ def results_markdown(result: dict) -> str:
         imp = row.get("p1_improvement_vs_plain")
         ci = f"{imp['mean']:+.3f} ({imp['low']:+.3f}..{imp['high']:+.3f})" if imp else "-"
         lines.append(f"| {arm} | {len(row['seeds'])} | {row['p1']:.3f} | {row['needed_drop']:.3f} | "
-                     f"{row['val_l1']:.4f} | {row['success']:.3f} | {row['retention']:.4g} | {ci} |")  # fmt: skip
+                     f"{row['val_l1']:.4f} | {cell(row['success'], '.3f')} | {cell(row['retention'], '.4g')} | "
+                     f"{ci} |")  # fmt: skip
+    if any(not np.isfinite(row[k]) for row in result["arms"].values() for k in ("success", "retention")):
+        lines += ["", "n/a: not produced for that arm's runs (success: not evaluated closed loop; held-out L_ret: "
+                  "the run trained without the CRaFT machinery that measures it, as `frozen` does)."]  # fmt: skip
     if any(row["diagnostics"] for row in result["arms"].values()):
         lines += [
             "",
@@ -735,6 +756,39 @@ def plot_results(table: dict, path: Path) -> None:
     ax.set_xlabel("task-B validation L1 (lower is better)")
     ax.set_ylabel("P1: task-A accuracy drop on skills B does not need")
     ax.set_title("Forgetting vs task B, mean over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def validation_curves(out: Path, run: dict) -> dict[str, list[float]]:
+    """A finished run's validation rows: step, task-A accuracy on the types B does not need, task-B val L1."""
+    rows = [r for r in read_metrics(out / "runs" / run["run_id"]) if "val/task_a_not_needed" in r]
+    return {"step": [r["step"] for r in rows], "not_needed": [r["val/task_a_not_needed"] for r in rows],
+            "val_l1": [r["val/loss"] for r in rows]}  # fmt: skip
+
+
+def plot_curves(out: Path, runs: Sequence[dict], start: dict, path: Path) -> None:
+    """Forgetting over training: per run, task-A accuracy on the skills B does not need and task-B validation L1
+    at each validation (the start point's accuracy at step 0), one colour per arm."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (acc, l1) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = {arm: f"C{i}" for i, arm in enumerate(sorted({r["arm"] for r in runs}))}
+    for run in sorted(runs, key=lambda r: (r["arm"], r["seed"])):
+        c = validation_curves(out, run)
+        first = run["seed"] == min(r["seed"] for r in runs if r["arm"] == run["arm"])
+        kw = {"color": colours[run["arm"]], "marker": "o", "ms": 3, "lw": 1, "label": run["arm"] if first else None}
+        acc.plot([0, *c["step"]], [start["val/task_a_not_needed"], *c["not_needed"]], **kw)
+        l1.plot(c["step"], c["val_l1"], **kw)
+    acc.set(xlabel="step", ylabel="task-A accuracy, types B does not need", title="Forgetting (one line per seed)")
+    l1.set(xlabel="step", ylabel="task-B validation L1 (lower is better)", title="Task B")
+    acc.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

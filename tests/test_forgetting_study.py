@@ -285,6 +285,22 @@ def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: P
     assert result["arms"]["frozen"]["diagnostic_seeds"] == [0]
     cells = " | ".join(f"{d['mean']:.3f} ({d['low']:.3f}..{d['high']:.3f})" for d in diagnostics.values())
     assert f"| frozen | 1 | {cells} |" in (out / "results.md").read_text()  # the representation table's row
+    # frozen trains without the CRaFT machinery, so it has no held-out L_ret: null in strict JSON, n/a in the table
+    assert not np.isfinite(result["arms"]["frozen"]["retention"])
+    assert np.isfinite(result["arms"]["plain"]["retention"])
+    strict = json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert strict["arms"]["frozen"]["retention"] is None
+    assert strict["arms"]["plain"]["retention"] == result["arms"]["plain"]["retention"]
+    rows = (out / "results.md").read_text().splitlines()
+    frozen_row = next(line for line in rows if line.startswith("| frozen | 1 |"))
+    assert frozen_row.split(" | ")[6] == "n/a"
+    assert (out / "curves.png").stat().st_size > 0  # forgetting over training, one line per run
+    raw = [json.loads(line) for line in (out / "runs" / "plain--s0" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in raw if "val/task_a_not_needed" in r]
+    curves = study.validation_curves(out, {"run_id": "plain--s0"})
+    assert val
+    assert curves == {"step": [r["step"] for r in val], "not_needed": [r["val/task_a_not_needed"] for r in val],
+                              "val_l1": [r["val/loss"] for r in val]}  # fmt: skip
     # only a finished, evaluated run's final checkpoint is offered for keeping (KEEP_CHECKPOINTS)
     kept = study.cmd_final_checkpoint(study.parse_args(["final_checkpoint", "--only", "plain--s0", "nope", *common]))
     assert kept == [str(out / "runs" / "plain--s0" / "plain--s0--2_chkpt")]
