@@ -703,8 +703,9 @@ def results_markdown(result: dict) -> str:
                      f"{row['val_l1']:.4f} | {cell(row['success'], '.3f')} | {cell(row['retention'], '.4g')} | "
                      f"{ci} |")  # fmt: skip
     if any(not np.isfinite(row[k]) for row in result["arms"].values() for k in ("success", "retention")):
-        lines += ["", "n/a: not produced for that arm's runs (success: not evaluated closed loop; held-out L_ret: "
-                  "the run trained without the CRaFT machinery that measures it, as `frozen` does)."]  # fmt: skip
+        lines += ["", "n/a: missing for at least one of that arm's runs (success: a run not evaluated closed loop; "
+                  "held-out L_ret: a run trained without the CRaFT machinery that measures it, as `frozen` "
+                  "does)."]  # fmt: skip
     if any(row["diagnostics"] for row in result["arms"].values()):
         lines += [
             "",
@@ -765,7 +766,7 @@ def validation_curves(out: Path, run: dict) -> dict[str, list[float]]:
     """A finished run's validation rows: step, task-A accuracy on the types B does not need, task-B val L1."""
     rows = [r for r in read_metrics(out / "runs" / run["run_id"]) if "val/task_a_not_needed" in r]
     return {"step": [r["step"] for r in rows], "not_needed": [r["val/task_a_not_needed"] for r in rows],
-            "val_l1": [r["val/loss"] for r in rows]}  # fmt: skip
+            "val_l1": [r.get("val/loss", float("nan")) for r in rows]}  # fmt: skip
 
 
 def plot_curves(out: Path, runs: Sequence[dict], start: dict, path: Path) -> None:
