@@ -742,13 +742,20 @@ def results_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_results(table: dict, path: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot on a file-only backend, or None where matplotlib is not installed (plots are optional)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_results(table: dict, path: Path) -> None:
+    if (plt := pyplot()) is None:
         return
     fig, ax = plt.subplots(figsize=(7, 5))
     for arm, row in table.items():
@@ -772,19 +779,16 @@ def validation_curves(out: Path, run: dict) -> dict[str, list[float]]:
 def plot_curves(out: Path, runs: Sequence[dict], start: dict, path: Path) -> None:
     """Forgetting over training: per run, task-A accuracy on the skills B does not need and task-B validation L1
     at each validation (the start point's accuracy at step 0), one colour per arm."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if (plt := pyplot()) is None:
         return
     fig, (acc, l1) = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = {arm: f"C{i}" for i, arm in enumerate(sorted({r["arm"] for r in runs}))}
+    labelled = set()
     for run in sorted(runs, key=lambda r: (r["arm"], r["seed"])):
         c = validation_curves(out, run)
-        first = run["seed"] == min(r["seed"] for r in runs if r["arm"] == run["arm"])
-        kw = {"color": colours[run["arm"]], "marker": "o", "ms": 3, "lw": 1, "label": run["arm"] if first else None}
+        label = None if run["arm"] in labelled else run["arm"]  # one legend entry per arm
+        labelled.add(run["arm"])
+        kw = {"color": colours[run["arm"]], "marker": "o", "ms": 3, "lw": 1, "label": label}
         acc.plot([0, *c["step"]], [start["val/task_a_not_needed"], *c["not_needed"]], **kw)
         l1.plot(c["step"], c["val_l1"], **kw)
     acc.set(xlabel="step", ylabel="task-A accuracy, types B does not need", title="Forgetting (one line per seed)")
