@@ -667,6 +667,8 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
     (out / "results.md").write_text(results_markdown(result))
     plot_results(table, out / "results.png")
     plot_curves(out, runs, start, out / "curves.png")
+    epsilons = json.loads(eps_file.read_text())["epsilon"] if eps_file.is_file() else {}
+    plot_dynamics(out, runs, epsilons, out / "dynamics.png")
     print((out / "results.md").read_text())
     return result
 
@@ -794,6 +796,58 @@ def plot_curves(out: Path, runs: Sequence[dict], start: dict, path: Path) -> Non
     acc.set(xlabel="step", ylabel="task-A accuracy, types B does not need", title="Forgetting (one line per seed)")
     l1.set(xlabel="step", ylabel="task-B validation L1 (lower is better)", title="Task B")
     acc.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def training_dynamics(out: Path, run: dict, window: int = 50) -> dict[str, list[float]] | None:
+    """A run's per-step retention loss, lambda and projection flag as trailing means over ``window`` steps (the
+    first ``window - 1`` steps average what there is); None for a run that does not log the retention loss
+    (``frozen``). Per-step values are noisy (one micro-batch each); the means show the trend."""
+    rows = [r for r in read_metrics(out / "runs" / run["run_id"]) if "craft/retention_loss" in r]
+    if not rows:
+        return None
+
+    def trailing(values: list[float]) -> list[float]:
+        csum = np.cumsum(np.asarray(values, dtype=np.float64))
+        n = np.arange(1, len(values) + 1)
+        shifted = np.concatenate([np.zeros(window), csum[:-window]]) if len(values) > window else np.zeros(len(values))
+        return list((csum - shifted[: len(values)]) / np.minimum(n, window))
+
+    return {"step": [r["step"] for r in rows],
+            "retention": trailing([r["craft/retention_loss"] for r in rows]),
+            "lambda": trailing([r.get("craft/lambda", 0.0) for r in rows]),
+            "projection_rate": trailing([r.get("craft/projection_fired", 0.0) for r in rows])}  # fmt: skip
+
+
+def plot_dynamics(out: Path, runs: Sequence[dict], epsilons: dict[str, float], path: Path) -> None:
+    """The constraint over training: per run, the training retention loss (with the epsilons as lines), lambda and
+    how often the projection fired, each a trailing mean over 50 steps; runs without the retention loss are left
+    out."""
+    if (plt := pyplot()) is None:
+        return
+    traced = [(run, d) for run in sorted(runs, key=lambda r: (r["arm"], r["seed"]))
+              if (d := training_dynamics(out, run)) is not None]  # fmt: skip
+    if not traced:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colours = {arm: f"C{i}" for i, arm in enumerate(sorted({r["arm"] for r in runs}))}  # as in curves.png
+    labelled = set()
+    for run, d in traced:
+        label = None if run["arm"] in labelled else run["arm"]
+        labelled.add(run["arm"])
+        for ax, key in zip(axes, ("retention", "lambda", "projection_rate")):
+            ax.plot(d["step"], d[key], color=colours[run["arm"]], lw=0.8, label=label)
+    for name, eps in sorted(epsilons.items()):
+        axes[0].axhline(eps, color="grey", ls="--", lw=0.8)
+        axes[0].annotate(f"epsilon {name}", (0, eps), fontsize=7, xytext=(2, 2), textcoords="offset points")
+    axes[0].set(xlabel="step", ylabel="training L_ret (50-step mean)", yscale="log", title="Retention loss")
+    if epsilons:  # the first steps' near-zero loss would otherwise stretch the log axis
+        axes[0].set_ylim(bottom=min(epsilons.values()) / 100)
+    axes[1].set(xlabel="step", ylabel="lambda (50-step mean)", title="Dual variable")
+    axes[2].set(xlabel="step", ylabel="share of steps projected (50-step mean)", title="Projection rate")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

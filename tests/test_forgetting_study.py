@@ -201,6 +201,29 @@ def test_validation_curves_read_the_validation_rows_only(tmp_path: Path):
     assert np.isnan(curves["val_l1"][2])  # a row without the action loss is plotted as a gap, not a crash
 
 
+def test_training_dynamics_are_trailing_means_of_the_craft_rows(tmp_path: Path):
+    """The dynamics plot averages each step's retention loss, lambda and projection flag over the last `window`
+    steps (fewer at the start), skipping validation rows; a run that logs no retention loss has no dynamics.
+    Expected values computed by hand for window 2."""
+    rows = [{"step": 1, "craft/retention_loss": 1.0, "craft/lambda": 0.0, "craft/projection_fired": 1.0},
+            {"step": 2, "craft/retention_loss": 3.0, "craft/lambda": 2.0, "craft/projection_fired": 0.0},
+            {"step": 2, "val/loss": 0.3, "val/retention_loss": 9.0},
+            {"step": 3, "craft/retention_loss": 8.0, "craft/lambda": 4.0, "craft/projection_fired": 0.0},
+            {"step": 4, "craft/retention_loss": 2.0, "craft/lambda": 0.0, "craft/projection_fired": 1.0}]  # fmt: skip
+    for run_id, run_rows in (("craft", rows), ("frozen", [{"step": 1, "train/loss": 0.5}])):
+        (tmp_path / "runs" / run_id).mkdir(parents=True)
+        (tmp_path / "runs" / run_id / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run_rows))
+    d = study.training_dynamics(tmp_path, {"run_id": "craft"}, window=2)
+    assert d["step"] == [1, 2, 3, 4]
+    np.testing.assert_allclose(d["retention"], [1.0, 2.0, 5.5, 5.0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(d["lambda"], [0.0, 1.0, 3.0, 2.0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(d["projection_rate"], [1.0, 0.5, 0.0, 0.5], rtol=0, atol=1e-12)
+    # a window longer than the run: every value is the mean of all steps so far
+    np.testing.assert_allclose(study.training_dynamics(tmp_path, {"run_id": "craft"}, window=10)["retention"],
+                               [1.0, 2.0, 4.0, 3.5], rtol=0, atol=1e-12)  # fmt: skip
+    assert study.training_dynamics(tmp_path, {"run_id": "frozen"}) is None
+
+
 def test_a_different_base_or_study_dir_than_planned_is_refused(tiny_base: Path, tmp_path: Path):
     base, out = tmp_path / "base", tmp_path / "study"
     shutil.copytree(tiny_base, base)
@@ -311,6 +334,9 @@ def test_runs_launch_skip_when_finished_and_analyze(tiny_base: Path, tmp_path: P
     assert frozen_row.split(" | ")[6] == "n/a"
     assert (out / "curves.png").stat().st_size > 0  # forgetting over training, one line per run
     assert study.validation_curves(out, {"run_id": "plain--s0"})["step"] == [1, 2]  # --val_freq 1, 2 steps
+    assert (out / "dynamics.png").stat().st_size > 0  # plain logs the retention loss (the online monitor)
+    assert study.training_dynamics(out, {"run_id": "plain--s0"})["step"] == [1, 2]
+    assert study.training_dynamics(out, {"run_id": "frozen--s0"}) is None
     # only a finished, evaluated run's final checkpoint is offered for keeping (KEEP_CHECKPOINTS)
     kept = study.cmd_final_checkpoint(study.parse_args(["final_checkpoint", "--only", "plain--s0", "nope", *common]))
     assert kept == [str(out / "runs" / "plain--s0" / "plain--s0--2_chkpt")]
