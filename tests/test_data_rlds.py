@@ -21,6 +21,7 @@ from helpers import (
     build_synthetic_root,
 )
 
+from prismatic.models.checkpoints import write_dataset_statistics
 from prismatic.vla.datasets.rlds import (
     LIBERO_CONFIG,
     CorruptRecordError,
@@ -35,7 +36,6 @@ from prismatic.vla.datasets.statistics import (
     dataset_statistics,
     load_or_compute_statistics,
     normalize_bounds_q99,
-    save_dataset_statistics,
     statistics_cache_path,
     unnormalize_bounds_q99,
 )
@@ -142,8 +142,8 @@ def test_statistics_match_float64_reference_and_json_layout(data_root, raw_episo
     assert entry["num_transitions"] == sum(len(e["actions"]) for e in raw_episodes)
     assert entry["num_trajectories"] == NUM_EPISODES
 
-    # FORMAT section 8 layout, key for key.
-    path = save_dataset_statistics(stats, tmp_path)
+    # FORMAT section 8 layout, key for key, as the run's checkpoints write it.
+    path = write_dataset_statistics(tmp_path, stats)
     assert path.name == "dataset_statistics.json"
     on_disk = json.loads(path.read_text())
     assert set(on_disk) == {NAME}

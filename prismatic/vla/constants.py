@@ -1,23 +1,15 @@
 """Constants of the VLA-Adapter action interface.
 
 Upstream chose the robot platform by grepping ``sys.argv`` for "libero"/"calvin"/...; here a platform is a
-plain value object, chosen from configuration (``get_platform("libero")``) and passed to whoever needs it.
-The token-level constants below are properties of the Qwen2.5 tokenizer and the released checkpoints, and do
-not depend on the platform (FORMAT.md sections 9 and 11).
+plain value object (``LIBERO``, the only one this project trains; actions and proprio are normalized with the
+q01/q99 bounds, FORMAT.md section 8) passed to whoever needs it. The token-level constants below are properties
+of the Qwen2.5 tokenizer and the released checkpoints, and do not depend on the platform (FORMAT.md sections 9
+and 11).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
-
-
-class NormalizationType(StrEnum):
-    """How actions and proprio are mapped to [-1, 1] (FORMAT.md section 8)."""
-
-    NORMAL = "normal"  # (x - mean) / std
-    BOUNDS = "bounds"  # min/max -> [-1, 1]
-    BOUNDS_Q99 = "bounds_q99"  # q01/q99 -> [-1, 1], clipped
 
 
 @dataclass(frozen=True)
@@ -28,32 +20,14 @@ class PlatformConstants:
     num_actions_chunk: int  # actions predicted per step (current + future)
     action_dim: int
     proprio_dim: int
-    normalization: NormalizationType
 
 
-LIBERO = PlatformConstants(
-    "libero", num_actions_chunk=8, action_dim=7, proprio_dim=8, normalization=NormalizationType.BOUNDS_Q99
-)
-CALVIN = PlatformConstants(
-    "calvin", num_actions_chunk=8, action_dim=7, proprio_dim=8, normalization=NormalizationType.BOUNDS_Q99
-)
-
-PLATFORMS: dict[str, PlatformConstants] = {p.name: p for p in (LIBERO, CALVIN)}
-
-
-def get_platform(name: str) -> PlatformConstants:
-    """Return the constants of a platform by name, with a clear error listing the known ones."""
-    try:
-        return PLATFORMS[name.lower()]
-    except KeyError:
-        raise ValueError(f"Unknown robot platform {name!r}; known platforms: {sorted(PLATFORMS)}") from None
-
+LIBERO = PlatformConstants("libero", num_actions_chunk=8, action_dim=7, proprio_dim=8)
 
 # --- Defaults (LIBERO), kept under upstream's names for readers who know that code. ---
 NUM_ACTIONS_CHUNK = LIBERO.num_actions_chunk
 ACTION_DIM = LIBERO.action_dim
 PROPRIO_DIM = LIBERO.proprio_dim
-ACTION_PROPRIO_NORMALIZATION_TYPE = LIBERO.normalization
 
 # --- Token-level constants (Qwen2.5 tokenizer; FORMAT.md section 9). ---
 NUM_TOKENS = 64  # action-query slots in the LLM sequence = rows of `action_queries`

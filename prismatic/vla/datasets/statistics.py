@@ -33,7 +33,6 @@ from prismatic.vla.datasets.rlds import (
     read_trajectories,
 )
 
-STATS_FILENAME = "dataset_statistics.json"
 CACHE_PREFIX = "dataset_statistics_"
 NORM_EPS = 1e-8  # added to (q99 - q01), as upstream
 STAT_KEYS = ("mean", "std", "max", "min", "q01", "q99")
@@ -155,23 +154,6 @@ def dataset_statistics(
         opened.name: load_or_compute_statistics(opened, cache_dir, num_parallel_calls)
         for opened, _weight in open_datasets(data_root_dir, dataset_name, registry)
     }
-
-
-def save_dataset_statistics(stats: Mapping[str, Mapping[str, Any]], run_dir: str | os.PathLike) -> Path:
-    """Write `<run_dir>/dataset_statistics.json` (what checkpoints and evaluation read)."""
-    path = Path(run_dir) / STATS_FILENAME
-    _write_json_atomic(_jsonable(stats), path)
-    return path
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | np.ndarray):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 # --------------------------------------------------------------------------------------------------------------

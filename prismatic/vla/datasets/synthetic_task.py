@@ -26,7 +26,6 @@ Conventions are those of the real LIBERO RLDS files (see rlds.py):
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -399,12 +398,3 @@ def render_episode(seed: int, episode_index: int, length: int, spec: SyntheticTa
     out["instruction"] = env.instruction
     out["file_path"] = f"/synthetic/{env.instruction.replace(' ', '_')}_demo.hdf5"
     return out
-
-
-def episode_fingerprint(episode: dict) -> str:
-    """Short content hash of a rendered episode (debugging aid; the reader derives its own ids from disk)."""
-    h = hashlib.sha1()
-    for key in ("states", "actions"):
-        h.update(np.ascontiguousarray(episode[key]).tobytes())
-    h.update(episode["instruction"].encode())
-    return h.hexdigest()[:16]
