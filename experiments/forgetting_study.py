@@ -771,6 +771,17 @@ def plot_results(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def arm_styles(runs: Sequence[dict]) -> list[tuple[dict, dict]]:
+    """The runs by arm and seed, each with its line style: one colour per arm (the same in every plot of a study)
+    and a legend label on the arm's first run only."""
+    colours = {arm: f"C{i}" for i, arm in enumerate(sorted({r["arm"] for r in runs}))}
+    styled, labelled = [], set()
+    for run in sorted(runs, key=lambda r: (r["arm"], r["seed"])):
+        styled.append((run, {"color": colours[run["arm"]], "label": None if run["arm"] in labelled else run["arm"]}))
+        labelled.add(run["arm"])
+    return styled
+
+
 def validation_curves(out: Path, run: dict) -> dict[str, list[float]]:
     """A finished run's validation rows: step, task-A accuracy on the types B does not need, task-B val L1."""
     rows = [r for r in read_metrics(out / "runs" / run["run_id"]) if "val/task_a_not_needed" in r]
@@ -784,13 +795,9 @@ def plot_curves(out: Path, runs: Sequence[dict], start: dict, path: Path) -> Non
     if (plt := pyplot()) is None:
         return
     fig, (acc, l1) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colours = {arm: f"C{i}" for i, arm in enumerate(sorted({r["arm"] for r in runs}))}
-    labelled = set()
-    for run in sorted(runs, key=lambda r: (r["arm"], r["seed"])):
+    for run, style in arm_styles(runs):
         c = validation_curves(out, run)
-        label = None if run["arm"] in labelled else run["arm"]  # one legend entry per arm
-        labelled.add(run["arm"])
-        kw = {"color": colours[run["arm"]], "marker": "o", "ms": 3, "lw": 1, "label": label}
+        kw = {**style, "marker": "o", "ms": 3, "lw": 1}
         acc.plot([0, *c["step"]], [start["val/task_a_not_needed"], *c["not_needed"]], **kw)
         l1.plot(c["step"], c["val_l1"], **kw)
     acc.set(xlabel="step", ylabel="task-A accuracy, types B does not need", title="Forgetting (one line per seed)")
@@ -811,9 +818,8 @@ def training_dynamics(out: Path, run: dict, window: int = 50) -> dict[str, list[
 
     def trailing(values: list[float]) -> list[float]:
         csum = np.cumsum(np.asarray(values, dtype=np.float64))
-        n = np.arange(1, len(values) + 1)
-        shifted = np.concatenate([np.zeros(window), csum[:-window]]) if len(values) > window else np.zeros(len(values))
-        return list((csum - shifted[: len(values)]) / np.minimum(n, window))
+        before = np.concatenate([np.zeros(window), csum])[: len(csum)]  # the sum up to `window` steps back
+        return list((csum - before) / np.minimum(np.arange(1, len(csum) + 1), window))
 
     return {"step": [r["step"] for r in rows],
             "retention": trailing([r["craft/retention_loss"] for r in rows]),
@@ -827,18 +833,13 @@ def plot_dynamics(out: Path, runs: Sequence[dict], epsilons: dict[str, float], p
     out."""
     if (plt := pyplot()) is None:
         return
-    traced = [(run, d) for run in sorted(runs, key=lambda r: (r["arm"], r["seed"]))
-              if (d := training_dynamics(out, run)) is not None]  # fmt: skip
+    traced = [(d, style) for run, style in arm_styles(runs) if (d := training_dynamics(out, run)) is not None]
     if not traced:
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    colours = {arm: f"C{i}" for i, arm in enumerate(sorted({r["arm"] for r in runs}))}  # as in curves.png
-    labelled = set()
-    for run, d in traced:
-        label = None if run["arm"] in labelled else run["arm"]
-        labelled.add(run["arm"])
+    for d, style in traced:
         for ax, key in zip(axes, ("retention", "lambda", "projection_rate")):
-            ax.plot(d["step"], d[key], color=colours[run["arm"]], lw=0.8, label=label)
+            ax.plot(d["step"], d[key], lw=0.8, **style)
     for name, eps in sorted(epsilons.items()):
         axes[0].axhline(eps, color="grey", ls="--", lw=0.8)
         axes[0].annotate(f"epsilon {name}", (0, eps), fontsize=7, xytext=(2, 2), textcoords="offset points")
