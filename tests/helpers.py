@@ -167,10 +167,30 @@ def metrics(run_dir: Path) -> list[dict]:
     return read_metrics(run_dir / "metrics.jsonl")
 
 
-def assert_params_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+def assert_params_close(
+    a: dict[str, torch.Tensor],
+    b: dict[str, torch.Tensor],
+    atol: float,
+    outlier_fraction: float = 0.0,
+    outlier_atol: float = 0.0,
+) -> None:
+    """Every element within atol, except at most outlier_fraction of all elements, which must be within outlier_atol.
+
+    Why outliers: Adam divides each gradient element by its own running RMS, so for an element whose gradient sits
+    near zero, float32 noise from regrouped sums (fused kernels, another CPU's vector width) changes the step by up
+    to the learning rate. Such elements are isolated; a real defect moves the bulk."""
     assert a.keys() == b.keys()
-    worst = max(((k, (a[k].double() - b[k].double()).abs().max().item()) for k in a), key=lambda kv: kv[1])
-    assert worst[1] <= atol, f"largest parameter difference {worst[1]:.3g} at {worst[0]} exceeds {atol}"
+    diffs = {k: (a[k].double() - b[k].double()).abs() for k in a}
+    worst = max(((k, d.max().item()) for k, d in diffs.items()), key=lambda kv: kv[1])
+    total = sum(d.numel() for d in diffs.values())
+    over = {k: int((d > atol).sum()) for k, d in diffs.items() if (d > atol).any()}
+    allowed = int(outlier_fraction * total)
+    assert sum(over.values()) <= allowed, (
+        f"{sum(over.values())} of {total} parameter elements differ by more than {atol} (allowed {allowed}); "
+        f"largest {worst[1]:.3g} at {worst[0]}; per tensor: {over}"
+    )
+    bound = max(atol, outlier_atol)
+    assert worst[1] <= bound, f"largest parameter difference {worst[1]:.3g} at {worst[0]} exceeds {bound}"
 
 
 def assert_metrics_close(a: list[dict], b: list[dict], keys: list[str], rtol: float, atol: float = 0.0) -> None:

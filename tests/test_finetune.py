@@ -36,6 +36,10 @@ from prismatic.training.lr_schedule import lr_multiplier
 
 LOSS_KEYS = ["train/loss", "train/l1_current", "train/l1_next"]
 PARAM_ATOL = 1e-4
+# Fused kernels regroup float32 sums; under Adam that may move a few near-zero-gradient elements by up to one step
+# (tiny_args' learning rate, 2e-3): see assert_params_close. 1e-5 of the ~10.6M trained elements is ~100; an AMD
+# EPYC host showed 1 element over PARAM_ATOL (1.03e-4) and 11 over 1e-5 (2026-12-07).
+ADAM_OUTLIERS = {"outlier_fraction": 1e-5, "outlier_atol": 2e-3}
 LOSS_RTOL = 1e-5
 
 
@@ -285,14 +289,16 @@ def test_validation_and_offline_wandb(tiny_base: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_compiled_training_matches_eager(reference_run: Path, tiny_base: Path, tmp_path: Path) -> None:
     """--compile True (LLM, ViT blocks and head compiled) trains like eager mode: fused kernels only change how
-    float32 sums are grouped, so parameters agree to well within the DDP tolerance after 3 steps.
+    float32 sums are grouped, so parameters agree within the DDP tolerance after 3 steps, but for a few
+    Adam outliers (ADAM_OUTLIERS).
 
     Run in the CUDA-graph mode, whose batches are padded to a multiple of 64 positions (on the CPU the mode
     compiles without graphs): the extra padding must not change training either."""
     args = dict(batch_size=4, max_steps=3, save_freq=3, num_steps_before_decay=2, compile=True)
     run_finetune(tiny_args(tiny_base, tmp_path, compile_mode="reduce-overhead", **args))
     assert json.loads((tmp_path / "run" / "finetune_config.json").read_text())["compile_mode"] == "reduce-overhead"
-    assert_params_close(checkpoint_tensors(tmp_path / "run", 3), checkpoint_tensors(reference_run, 3), PARAM_ATOL)
+    compiled, eager = checkpoint_tensors(tmp_path / "run", 3), checkpoint_tensors(reference_run, 3)
+    assert_params_close(compiled, eager, PARAM_ATOL, **ADAM_OUTLIERS)
     assert_metrics_close(metrics(tmp_path / "run"), metrics(reference_run), LOSS_KEYS, rtol=1e-4)
 
 
