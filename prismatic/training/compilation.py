@@ -1,7 +1,7 @@
 """``torch.compile`` of the policy's repeated blocks, in place (parameter names and checkpoints unchanged).
 
-Compiled: the LLM decoder stack, every ViT block (one graph per ViT type, reused by its identical blocks) and
-the action head. On an H200 this took a plain batch-16 step from 365 to 264 ms (docs/BENCHMARKS.md, run D), and
+Compiled: the LLM decoder stack, every ViT block (one static graph per ViT type, reused by its identical blocks)
+and the action head. On an H200 this took a plain batch-16 step from 365 to 264 ms (docs/BENCHMARKS.md, run D), and
 with CUDA graphs ("reduce-overhead") to 180 ms (run E). The first steps pay the compilation (minutes on a GPU).
 """
 
@@ -58,7 +58,10 @@ def compile_policy(modules: PolicyModules, vision: bool = True, mode: str = "def
     if modules.action_head is not None:  # None: a VLM without an action head (task-A pretraining)
         modules.action_head.compile(mode=mode)
     if vision:
+        # dynamic=False: both ViTs' blocks share one forward (timm's Block), so the second ViT's token count
+        # (256 vs DINOv2's 261 with its class and register tokens) and width would otherwise make dynamo's
+        # automatic dynamic shapes recompile that forward with symbolic sizes. Static, each ViT gets its own graph.
         for vit in vla.vision_backbone.vits:
             for block in vit.blocks:
-                block.compile(mode=mode)
+                block.compile(mode=mode, dynamic=False)
     modules.evaluation_context = eager_evaluation
