@@ -99,6 +99,23 @@ def test_against_the_start_point_matches_a_second_path(trained, tmp_path, tiny_b
     expected = float(retention_loss(f["tuned"].double(), f["start"].double()))
     assert report["heldout_retention_loss"] == pytest.approx(expected, rel=1e-6)
     assert expected > 0
+    # per part, in numpy float64 from the model outputs themselves (not from f): mean-pooled C_R and C_AQ
+    parts = report["heldout_retention_loss_parts"]
+    assert list(parts) == ["C_R", "C_AQ"]
+    for name, attr in (("C_R", "raw_latent_features"), ("C_AQ", "action_query_features")):
+        pooled = {n: np.concatenate([getattr(o, attr).double().mean(1).numpy() for o in outs[n]]) for n in outs}
+        mse = np.mean((pooled["tuned"] - pooled["start"]) ** 2)
+        assert parts[name]["mse"] == pytest.approx(mse, rel=1e-6)
+        var_0 = pooled["start"].var(axis=0, ddof=1)
+        assert parts[name]["unit_free"] == pytest.approx(mse / var_0.mean(), rel=1e-6)
+        normalized = np.mean((pooled["tuned"] - pooled["start"]) ** 2 / (var_0 + 1e-6))
+        assert parts[name]["normalized"] == pytest.approx(normalized, rel=1e-6)
+    f64 = {n: f[n].double().numpy() for n in f}
+    assert report["heldout_retention_loss_normalized"] == pytest.approx(
+        np.mean((f64["tuned"] - f64["start"]) ** 2 / (f64["start"].var(axis=0, ddof=1) + 1e-6)), rel=1e-6
+    )
+    assert parts["C_R"]["mse"] + parts["C_AQ"]["mse"] == pytest.approx(2 * expected, rel=1e-6)  # L_ret = their mean
+    assert parts["C_R"]["share"] + parts["C_AQ"]["share"] == pytest.approx(1.0, abs=1e-12)
     assert report["layers"][-1]["drift_patches"] > 0
     assert set(report["task_a"]) == {"reference", "checkpoint"}
     assert report["task_a"]["reference"]["all"]["n"] == 8

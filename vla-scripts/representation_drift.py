@@ -18,7 +18,10 @@ Measured, per LLM hidden state l = 0 (embeddings) .. L, over the same frames on 
     reference's first half of the frames and scores the checkpoint's second half; "refit" fits and scores on
     the checkpoint (fixed falling below refit = the read-out moved; refit falling = the information is gone);
   * held-out L_ret: CRaFT's retention loss between the two models' bridge features (the run's feature variant
-    and pooling), and L_ret divided by the mean per-feature variance of f_0 (unit-free: ~1 - R^2);
+    and pooling), and L_ret divided by the mean per-feature variance of f_0 (unit-free: ~1 - R^2); and the same
+    per part of f (pool(C_R), pool(C_AQ)): L_ret is the mean of the parts' MSEs, so a part with a larger scale
+    (the unnormalised residual stream of C_R) can hold L_ret down while the other part moves freely; and L_ret
+    as ``--craft_normalize_features`` would measure it (each feature in units of its variance over these frames);
   * with ``--vqa_heldout N``: task-A accuracy per question type of both models (synthetic VQA scenes);
   * with ``--task_a_probes N`` (the forgetting study, docs/STUDY.md amendment 6): on N held-out task-A scenes, every
     question type each scene allows, the hidden state at the answer position (where the LM head reads the answer)
@@ -143,7 +146,33 @@ def _finite_or_none(value: float) -> float | None:
     return value if np.isfinite(value) else None
 
 
-def compare(reference: Collected, candidate: Collected, labels: torch.Tensor) -> dict:
+def normalized_retention_loss(f: torch.Tensor, f_0: torch.Tensor, eps: float = 1e-6) -> float:
+    """L_ret as ``--craft_normalize_features`` defines it (docs/IDEA.md, option 2), with var_0 the per-feature
+    sample variance of these f_0 rows: the mean over features of each one's MSE in units of its anchor variance."""
+    f, f_0 = f.double(), f_0.double()
+    return float(((f - f_0) ** 2 / (f_0.var(dim=0) + eps)).mean())
+
+
+def retention_parts(f: torch.Tensor, f_0: torch.Tensor, names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per part of f ([pool(C_R); pool(C_AQ)] or one of them, equal widths): the part's MSE, its share of
+    L_ret (L_ret = the mean of the parts' MSEs), its unit-free value (MSE / mean per-feature variance of f_0)
+    and its normalised L_ret (``normalized_retention_loss``)."""
+    f, f_0 = f.double(), f_0.double()
+    parts = {}
+    for name, a, b in zip(names, f.chunk(len(names), dim=1), f_0.chunk(len(names), dim=1)):
+        mse, var = float(retention_loss(a, b)), float(b.var(dim=0).mean())
+        parts[name] = {"mse": mse, "unit_free": mse / var if var > 0 else None,
+                       "normalized": normalized_retention_loss(a, b)}  # fmt: skip
+    total = sum(p["mse"] for p in parts.values())
+    for p in parts.values():
+        p["share"] = p["mse"] / total if total > 0 else None
+    return parts
+
+
+FEATURE_PARTS = {"full": ("C_R", "C_AQ"), "raw_only": ("C_R",), "aq_only": ("C_AQ",)}
+
+
+def compare(reference: Collected, candidate: Collected, labels: torch.Tensor, feature_variant: str = "full") -> dict:
     layers = []
     n = labels.shape[0]
     first, second = torch.arange(n) < n // 2, torch.arange(n) >= n // 2
@@ -170,6 +199,8 @@ def compare(reference: Collected, candidate: Collected, labels: torch.Tensor) ->
         "layers": layers,
         "heldout_retention_loss": l_ret,
         "heldout_retention_loss_unit_free": l_ret / variance if variance > 0 else None,
+        "heldout_retention_loss_normalized": normalized_retention_loss(f, f_0),
+        "heldout_retention_loss_parts": retention_parts(f, f_0, FEATURE_PARTS[feature_variant]),
         "num_frames": n,
         "num_instructions": int(len(torch.unique(labels))),
     }
@@ -342,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             collect(reference, batches, cfg, device),
             collect(candidate, batches, cfg, device),
             instruction_labels(batches),
+            cfg.craft_config().feature_variant,
         ),  # fmt: skip
     }
     report["anchor_layer"] = resolve_anchor_layer(cfg.craft_anchor_layer_idx, len(report["layers"]))
