@@ -20,8 +20,9 @@ Measured, per LLM hidden state l = 0 (embeddings) .. L, over the same frames on 
   * held-out L_ret: CRaFT's retention loss between the two models' bridge features (the run's feature variant
     and pooling), and L_ret divided by the mean per-feature variance of f_0 (unit-free: ~1 - R^2); and the same
     per part of f (pool(C_R), pool(C_AQ)): L_ret is the mean of the parts' MSEs, so a part with a larger scale
-    (the unnormalised residual stream of C_R) can hold L_ret down while the other part moves freely; and L_ret
-    as ``--craft_normalize_features`` would measure it (each feature in units of its variance over these frames);
+    (the unnormalised residual stream of C_R) dominates it, and constraining L_ret mostly constrains that part;
+    and L_ret as ``--craft_normalize_features`` would measure it (each feature in units of its variance over these
+    frames, not the cache's or a run's running variance);
   * with ``--vqa_heldout N``: task-A accuracy per question type of both models (synthetic VQA scenes);
   * with ``--task_a_probes N`` (the forgetting study, docs/STUDY.md amendment 6): on N held-out task-A scenes, every
     question type each scene allows, the hidden state at the answer position (where the LM head reads the answer)
@@ -153,7 +154,9 @@ def normalized_retention_loss(f: torch.Tensor, f_0: torch.Tensor, eps: float = 1
     return float(((f - f_0) ** 2 / (f_0.var(dim=0) + eps)).mean())
 
 
-def retention_parts(f: torch.Tensor, f_0: torch.Tensor, names: Sequence[str]) -> dict[str, dict[str, float]]:
+def retention_parts(
+    f: torch.Tensor, f_0: torch.Tensor, names: Sequence[str], eps: float = 1e-6
+) -> dict[str, dict[str, float]]:
     """Per part of f ([pool(C_R); pool(C_AQ)] or one of them, equal widths): the part's MSE, its share of
     L_ret (L_ret = the mean of the parts' MSEs), its unit-free value (MSE / mean per-feature variance of f_0)
     and its normalised L_ret (``normalized_retention_loss``)."""
@@ -162,7 +165,7 @@ def retention_parts(f: torch.Tensor, f_0: torch.Tensor, names: Sequence[str]) ->
     for name, a, b in zip(names, f.chunk(len(names), dim=1), f_0.chunk(len(names), dim=1)):
         mse, var = float(retention_loss(a, b)), float(b.var(dim=0).mean())
         parts[name] = {"mse": mse, "unit_free": mse / var if var > 0 else None,
-                       "normalized": normalized_retention_loss(a, b)}  # fmt: skip
+                       "normalized": normalized_retention_loss(a, b, eps)}  # fmt: skip
     total = sum(p["mse"] for p in parts.values())
     for p in parts.values():
         p["share"] = p["mse"] / total if total > 0 else None
@@ -172,7 +175,13 @@ def retention_parts(f: torch.Tensor, f_0: torch.Tensor, names: Sequence[str]) ->
 FEATURE_PARTS = {"full": ("C_R", "C_AQ"), "raw_only": ("C_R",), "aq_only": ("C_AQ",)}
 
 
-def compare(reference: Collected, candidate: Collected, labels: torch.Tensor, feature_variant: str = "full") -> dict:
+def compare(
+    reference: Collected,
+    candidate: Collected,
+    labels: torch.Tensor,
+    feature_variant: str = "full",
+    feature_var_eps: float = 1e-6,
+) -> dict:
     layers = []
     n = labels.shape[0]
     first, second = torch.arange(n) < n // 2, torch.arange(n) >= n // 2
@@ -199,8 +208,8 @@ def compare(reference: Collected, candidate: Collected, labels: torch.Tensor, fe
         "layers": layers,
         "heldout_retention_loss": l_ret,
         "heldout_retention_loss_unit_free": l_ret / variance if variance > 0 else None,
-        "heldout_retention_loss_normalized": normalized_retention_loss(f, f_0),
-        "heldout_retention_loss_parts": retention_parts(f, f_0, FEATURE_PARTS[feature_variant]),
+        "heldout_retention_loss_normalized": normalized_retention_loss(f, f_0, feature_var_eps),
+        "heldout_retention_loss_parts": retention_parts(f, f_0, FEATURE_PARTS[feature_variant], feature_var_eps),
         "num_frames": n,
         "num_instructions": int(len(torch.unique(labels))),
     }
@@ -374,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             collect(candidate, batches, cfg, device),
             instruction_labels(batches),
             cfg.craft_config().feature_variant,
+            cfg.craft_config().feature_var_eps,
         ),  # fmt: skip
     }
     report["anchor_layer"] = resolve_anchor_layer(cfg.craft_anchor_layer_idx, len(report["layers"]))
