@@ -46,7 +46,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from experiments.robot.libero.results import write_json_atomic  # noqa: E402
-from experiments.study_stats import craft_rules, epsilon_order_rule, mean_ci, paired_bootstrap  # noqa: E402
+from experiments.study_stats import (  # noqa: E402
+    budget_rule,
+    craft_rules,
+    epsilon_order_rule,
+    gap_rule,
+    mean_ci,
+    paired_bootstrap,
+)
 from prismatic.vla.datasets.synthetic_vqa import TASK_B_SKILLS  # noqa: E402
 
 # A CRaFT monitor: L_ret is computed and validated, lambda stays 0 and nothing is projected.
@@ -657,10 +664,36 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
             undecided = [c.rule for c in checks if c.holds is None]
             works = None if undecided else all(c.holds for c in checks)  # an undecidable rule decides nothing
             verdicts[arm] = {"works": works, "undecided": undecided, "checks": [c.__dict__ for c in checks]}
+    # Before the core is complete, a rule whose every input has finished is reported (amendment 9): rule 1 reads the
+    # arm alone, rule 2 only plain, frozen and the arm; each is decided once those arms have every planned run.
+    early_rules = {}
+    if not complete and "frozen" in table:
+        finished_ids = {r["run_id"] for r in runs}
+        planned_by_arm: dict[str, set[str]] = {}
+        for phase in (1, 2):
+            if plan_path(out, phase).is_file():
+                for entry in read_plan(out, phase)["runs"]:
+                    planned_by_arm.setdefault(entry["arm"], set()).add(entry["run_id"])
+        done = {arm for arm, ids in planned_by_arm.items() if ids <= finished_ids}
+        gap = table["plain"]["p1"] - table["frozen"]["p1"]
+        eps = json.loads(eps_file.read_text())["epsilon"] if eps_file.is_file() else {}
+        for arm in sorted(by_arm):
+            if "@" not in arm or arm not in done:
+                continue
+            checks = []
+            if arm.split("@")[1] in eps:
+                checks.append(budget_rule(eps[arm.split("@")[1]], [v["retention"] for v in by_arm[arm].values()]))
+            if {"plain", "frozen"} <= done:
+                improvement = paired_bootstrap(
+                    {s: plain[s]["p1"] for s in plain}, {s: v["p1"] for s, v in by_arm[arm].items()}
+                )
+                checks.append(gap_rule(improvement, gap))
+            if checks:
+                early_rules[arm] = [c.__dict__ for c in checks]
     diagnosed = [v["diagnostics"] for per_seed in by_arm.values() for v in per_seed.values() if v["diagnostics"]]
     starts = {round(d["probe_start"], 12) for d in diagnosed}  # one value when every report used the same scenes
-    result = {"start": start, "arms": table, "verdicts": verdicts, "p2": b_key, "l2sp": l2sp,
-              "start_probe": sorted(starts),
+    result = {"start": start, "arms": table, "verdicts": verdicts, "early_rules": early_rules, "p2": b_key,
+              "l2sp": l2sp, "start_probe": sorted(starts),
               "complete": complete, "missing_runs": missing, "seeds": seeds,
               "uninformative": table["plain"]["p1"] < 0.03}  # fmt: skip
     (out / "results.json").write_text(json.dumps(finite_or_none(result), indent=2, allow_nan=False) + "\n")
@@ -737,6 +770,9 @@ def results_markdown(result: dict) -> str:
     label = f"{len(result['seeds'])} seeds"
     if len(result["seeds"]) < 5:
         label += "; a paired CI over so few seeds excludes 0 only when every paired difference has the same sign"
+    for arm, checks in result.get("early_rules", {}).items():
+        lines += ["", f"**{arm}**, rules decided before the rest of the core (docs/STUDY.md amendment 9; {label}):"]
+        lines += [f"- rule {c['rule']}: {c['holds']} ({c['detail']})" for c in checks]
     for arm, v in result["verdicts"].items():
         verdict = {True: "works", False: "does not work", None: "undecided (rules " + ", ".join(v["undecided"]) + ")"}
         lines += ["", f"**{arm}**: {verdict[v['works']]} by the pre-registered rules ({label})"]

@@ -168,14 +168,44 @@ def test_epsilon_and_analysis_from_metrics_files(tiny_base: Path, tmp_path: Path
         final = {"val/loss": 0.1, "val/retention_loss": 0.001, "val/task_a_needed": 0.8,
                  "val/task_a_not_needed": 0.95 - drop[r["arm"]][r["seed"]]}  # fmt: skip
         _write_run(tmp_path, r["run_id"], 8, final)
+    # amendment 9: with craft@0.5 unfinished, rule 2 of craft@0.25 (plain, frozen and it all finished) is reported
+    unfinished = tmp_path / "runs" / "craft-at-0.5--s2" / "metrics.jsonl"
+    kept = unfinished.read_text()
+    unfinished.unlink()
+    early = study.cmd_analyze(study.parse_args(["analyze", "--out", str(tmp_path)]))
+    assert early["verdicts"] == {}
+    assert list(early["early_rules"]) == ["craft@0.25"]
+    plain_drop = np.array([0.95 - truth[("plain", s)]["val/task_a_not_needed"] for s in range(3)])
+    frozen_drop = np.array([0.95 - truth[("frozen", s)]["val/task_a_not_needed"] for s in range(3)])
+    improvement = plain_drop - np.array(drop["craft@0.25"])
+    half = 0.5 * (plain_drop.mean() - frozen_drop.mean())
+    # a 3-seed percentile bootstrap's 2.5% point is the smallest paired difference (all-min resample: 1/27 > 2.5%)
+    rule1, rule2 = early["early_rules"]["craft@0.25"]
+    assert rule1["rule"].startswith("1")
+    assert rule2["rule"].startswith("2")
+    assert rule1["holds"] is True  # every craft run's final held-out L_ret is 0.001, epsilon is plain's median x 0.25
+    assert f"{0.25 * plain_ret:.4g}" in rule1["detail"]
+    assert rule2["holds"] == bool(improvement.mean() >= half and improvement.min() > 0)
+    assert f"{improvement.mean():.4g}" in rule2["detail"]
+    assert f"{half:.4g}" in rule2["detail"]
+    assert "rules decided before the rest of the core" in (tmp_path / "results.md").read_text()
+    unfinished.write_text(kept)
+
     (tmp_path / "runs" / "frozen--s1" / "metrics.jsonl").unlink()  # one planned run unfinished: still no verdict
-    assert study.cmd_analyze(study.parse_args(["analyze", "--out", str(tmp_path)]))["verdicts"] == {}
+    partial = study.cmd_analyze(study.parse_args(["analyze", "--out", str(tmp_path)]))
+    assert partial["verdicts"] == {}
+    # frozen unfinished: rule 2 compares against it and is withheld; rule 1 reads each CRaFT arm alone
+    assert {arm: [c["rule"][0] for c in checks] for arm, checks in partial["early_rules"].items()} == {
+        "craft@0.25": ["1"],
+        "craft@0.5": ["1"],
+    }
     final = truth[("frozen", 1)]
     (tmp_path / "runs" / "frozen--s1" / "metrics.jsonl").write_text(
         json.dumps({"step": 4}) + "\n" + json.dumps({"step": 8, **final}) + "\n"
     )
     result = study.cmd_analyze(study.parse_args(["analyze", "--out", str(tmp_path)]))
     assert result["complete"]
+    assert result["early_rules"] == {}  # the verdict itself holds every rule
     assert sorted(result["verdicts"]) == ["craft@0.25", "craft@0.5"]
     for arm in ("craft@0.25", "craft@0.5"):
         rule5 = [c for c in result["verdicts"][arm]["checks"] if c["rule"].startswith("5")]
