@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from experiments.robot.libero.results import write_json_atomic  # noqa: E402
 from experiments.study_stats import (  # noqa: E402
+    PairedDifference,
     budget_rule,
     craft_rules,
     epsilon_order_rule,
@@ -397,8 +398,12 @@ def choose_l2sp(runs: Sequence[dict]) -> dict:
             "plain_median_val_l1": plain_l1}  # fmt: skip
 
 
+def planned_entries(out: Path) -> list[dict]:
+    return [r for phase in (1, 2) if plan_path(out, phase).is_file() for r in read_plan(out, phase)["runs"]]
+
+
 def planned_runs(out: Path) -> list[str]:
-    return [r["run_id"] for phase in (1, 2) if plan_path(out, phase).is_file() for r in read_plan(out, phase)["runs"]]
+    return [r["run_id"] for r in planned_entries(out)]
 
 
 def cmd_start(args: argparse.Namespace) -> dict:
@@ -643,9 +648,7 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
             checks = craft_rules(
                 epsilon=eps["epsilon"][label],
                 final_retention=[v["retention"] for v in by_arm[arm].values()],
-                p1_improvement=paired_bootstrap(
-                    {s: plain[s]["p1"] for s in plain}, {s: v["p1"] for s, v in by_arm[arm].items()}
-                ),  # fmt: skip
+                p1_improvement=PairedDifference(**row["p1_improvement_vs_plain"]),
                 p1_gap_plain_minus_frozen=gap,
                 b_metric_arm=row[b_key],
                 b_metric_plain=table["plain"][b_key],
@@ -667,27 +670,16 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
     # Before the core is complete, a rule whose every input has finished is reported (amendment 9): rule 1 reads the
     # arm alone, rule 2 only plain, frozen and the arm; each is decided once those arms have every planned run.
     early_rules = {}
-    if not complete and "frozen" in table:
-        finished_ids = {r["run_id"] for r in runs}
-        planned_by_arm: dict[str, set[str]] = {}
-        for phase in (1, 2):
-            if plan_path(out, phase).is_file():
-                for entry in read_plan(out, phase)["runs"]:
-                    planned_by_arm.setdefault(entry["arm"], set()).add(entry["run_id"])
-        done = {arm for arm, ids in planned_by_arm.items() if ids <= finished_ids}
-        gap = table["plain"]["p1"] - table["frozen"]["p1"]
+    if not complete:
+        unfinished = {e["arm"] for e in planned_entries(out) if e["run_id"] in set(missing)}
         eps = json.loads(eps_file.read_text())["epsilon"] if eps_file.is_file() else {}
-        for arm in sorted(by_arm):
-            if "@" not in arm or arm not in done:
-                continue
+        for arm in sorted(a for a in by_arm if "@" in a and a not in unfinished):
             checks = []
             if arm.split("@")[1] in eps:
                 checks.append(budget_rule(eps[arm.split("@")[1]], [v["retention"] for v in by_arm[arm].values()]))
-            if {"plain", "frozen"} <= done:
-                improvement = paired_bootstrap(
-                    {s: plain[s]["p1"] for s in plain}, {s: v["p1"] for s, v in by_arm[arm].items()}
-                )
-                checks.append(gap_rule(improvement, gap))
+            if "frozen" in table and not {"plain", "frozen"} & unfinished:
+                gap = table["plain"]["p1"] - table["frozen"]["p1"]
+                checks.append(gap_rule(PairedDifference(**table[arm]["p1_improvement_vs_plain"]), gap))
             if checks:
                 early_rules[arm] = [c.__dict__ for c in checks]
     diagnosed = [v["diagnostics"] for per_seed in by_arm.values() for v in per_seed.values() if v["diagnostics"]]

@@ -49,7 +49,13 @@ import torch
 
 from prismatic.extern.hf.modeling_prismatic import _gather_positions, patch_states
 from prismatic.models.checkpoints import load_vla_release
-from prismatic.training.craft_utils import CRaFTFeatureExtractor, resolve_anchor_layer, retention_loss
+from prismatic.training.craft_utils import (
+    FEATURE_PARTS,
+    CRaFTFeatureExtractor,
+    normalization_denominator,
+    resolve_anchor_layer,
+    retention_loss,
+)
 from prismatic.training.data_setup import build_training_data
 from prismatic.training.distributed import DistributedContext
 from prismatic.training.finetune_config import FinetuneConfig
@@ -150,8 +156,8 @@ def _finite_or_none(value: float) -> float | None:
 def normalized_retention_loss(f: torch.Tensor, f_0: torch.Tensor, eps: float = 1e-6) -> float:
     """L_ret as ``--craft_normalize_features`` defines it (docs/IDEA.md, option 2), with var_0 the per-feature
     sample variance of these f_0 rows: the mean over features of each one's MSE in units of its anchor variance."""
-    f, f_0 = f.double(), f_0.double()
-    return float(((f - f_0) ** 2 / (f_0.var(dim=0) + eps)).mean())
+    f_0 = f_0.double()
+    return float(retention_loss(f.double(), f_0, normalization_denominator(f_0.var(dim=0), eps, torch.float64)))
 
 
 def retention_parts(
@@ -170,9 +176,6 @@ def retention_parts(
     for p in parts.values():
         p["share"] = p["mse"] / total if total > 0 else None
     return parts
-
-
-FEATURE_PARTS = {"full": ("C_R", "C_AQ"), "raw_only": ("C_R",), "aq_only": ("C_AQ",)}
 
 
 def compare(

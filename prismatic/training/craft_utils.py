@@ -47,6 +47,8 @@ import torch
 from torch import Tensor, nn
 
 FEATURE_VARIANTS = ("full", "raw_only", "aq_only")
+# The pooled hidden states each variant concatenates into f, in order (equal widths: the LLM's hidden size).
+FEATURE_PARTS = {"full": ("C_R", "C_AQ"), "raw_only": ("C_R",), "aq_only": ("C_AQ",)}
 PROJECTION_SCOPES = ("global", "per_tensor")
 ANCHOR_SOURCES = ("cache", "online")
 
@@ -190,7 +192,7 @@ def pool_bridge_features(
     ``C_R`` [B, P, D] and ``C_AQ`` [B, 64, D]; the one a variant does not use may be None.
     """
     _check_choice("feature_variant", feature_variant, FEATURE_VARIANTS)
-    needed = {"full": ("C_R", "C_AQ"), "raw_only": ("C_R",), "aq_only": ("C_AQ",)}[feature_variant]
+    needed = FEATURE_PARTS[feature_variant]
     given = {"C_R": C_R, "C_AQ": C_AQ}
     for name in needed:
         t = given[name]
