@@ -4,6 +4,7 @@
     python experiments/forgetting_study.py plan    --base <task-A base> --out study --phase 1 --seeds 0 1 2 3 4
     python experiments/forgetting_study.py run     --out study --phase 1 --parallel 4
     python experiments/forgetting_study.py epsilon --out study          # plain's held-out L_ret -> epsilon, L2-SP pick
+    python experiments/forgetting_study.py variant_epsilon --out study --reports <plain drift.json ...>  # amendment 10
     python experiments/forgetting_study.py plan    --base <task-A base> --out study --phase 2 --seeds 0 1 2 3 4
     python experiments/forgetting_study.py run     --out study --phase 2 --parallel 4
     python experiments/forgetting_study.py closed_loop --out study --trials 5   # P2: synthetic-suite success (CPU)
@@ -32,6 +33,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -79,17 +81,72 @@ def phase1_arms() -> dict[str, list[str]]:
     return arms
 
 
-def phase2_arms(epsilons: dict[str, float]) -> dict[str, list[str]]:
+# Amendment 10: CRaFT arms whose L_ret is not plain's full L_ret get epsilons in their own units, as the same
+# fractions of plain's median held-out value of that quantity (``variant_epsilon``, from drift reports):
+# the normalised L_ret (method option 2), or the MSE of one part of f alone.
+# family: (its flags, its own held-out L_ret read from a drift report of plain, None if the report has none).
+VARIANT_ARMS: dict[str, tuple[list[str], Callable[[dict], float | None]]] = {
+    "craft_norm": (["--craft_normalize_features", "True"], lambda r: r.get("heldout_retention_loss_normalized")),
+    "raw_only": (["--craft_feature_variant", "raw_only"], lambda r: _part_mse(r, "C_R")),
+    "aq_only": (["--craft_feature_variant", "aq_only"], lambda r: _part_mse(r, "C_AQ")),
+}
+
+
+def _part_mse(report: dict, part: str) -> float | None:
+    parts = report.get("heldout_retention_loss_parts") or {}
+    return parts[part]["mse"] if list(parts) == ["C_R", "C_AQ"] else None  # a full-feature report's split
+
+
+def phase2_arms(
+    epsilons: dict[str, float], variant_epsilons: dict[str, dict[str, float]] | None = None
+) -> dict[str, list[str]]:
+    """The CRaFT arms at ``epsilons`` (epsilon.json), and the variant arms at ``variant_epsilons``
+    (epsilon_variants.json) when that file has been written: without it they are not offered."""
+
+    def craft(eps: float) -> list[str]:
+        return ["--use_craft", "True", "--craft_retention_budget", f"{eps:.6g}"]
+
     arms = {}
     for label, eps in epsilons.items():
-        craft = ["--use_craft", "True", "--craft_retention_budget", f"{eps:.6g}"]
-        arms[f"craft@{label}"] = craft
-        arms[f"craft_gate@{label}"] = [*craft, "--craft_projection_gate_rho", "0.5"]
-        arms[f"dual_only@{label}"] = [*craft, "--craft_enable_projection", "False"]
-        arms[f"proj_only@{label}"] = [*craft, "--craft_lambda_max", "0"]
-        arms[f"raw_only@{label}"] = [*craft, "--craft_feature_variant", "raw_only"]
-        arms[f"aq_only@{label}"] = [*craft, "--craft_feature_variant", "aq_only"]
+        arms[f"craft@{label}"] = craft(eps)
+        arms[f"craft_gate@{label}"] = [*craft(eps), "--craft_projection_gate_rho", "0.5"]
+        arms[f"dual_only@{label}"] = [*craft(eps), "--craft_enable_projection", "False"]
+        arms[f"proj_only@{label}"] = [*craft(eps), "--craft_lambda_max", "0"]
+    for family, (flags, _) in VARIANT_ARMS.items():
+        for label, eps in (variant_epsilons or {}).get(family, {}).items():
+            arms[f"{family}@{label}"] = [*craft(eps), *flags]
     return arms
+
+
+def arm_epsilons(out: Path) -> dict[str, dict[str, float]]:
+    """epsilon by label for each arm family: ``craft`` (and the gate, dual-only and projection-only arms) from
+    epsilon.json, the variant families from epsilon_variants.json; {} for what has not been fixed yet."""
+    eps_file, variants_file = out / "epsilon.json", out / "epsilon_variants.json"
+    common = json.loads(eps_file.read_text())["epsilon"] if eps_file.is_file() else {}
+    variants = json.loads(variants_file.read_text())["epsilon"] if variants_file.is_file() else {}
+    families = {arm.split("@")[0] for arm in phase2_arms({"any": 1.0}, {f: {"any": 1.0} for f in VARIANT_ARMS})}
+    return {family: variants.get(family, {}) if family in VARIANT_ARMS else common for family in families}
+
+
+def epsilon_of(arm: str, epsilons: dict[str, dict[str, float]]) -> float | None:
+    family, label = arm.split("@")
+    return epsilons.get(family, {}).get(label)
+
+
+def rule_epsilon(out: Path, arm: str, epsilons: dict[str, dict[str, float]]) -> float:
+    """The epsilon rule 1 holds ``arm`` to, checked against the --craft_retention_budget its runs were planned with
+    (written with 6 significant digits), so that a changed or missing epsilon file cannot go unnoticed."""
+    eps = epsilon_of(arm, epsilons)
+    if eps is None:
+        raise SystemExit(f"{out} has no epsilon for {arm} (epsilon.json, or epsilon_variants.json for "
+                         f"{', '.join(VARIANT_ARMS)}): its runs cannot be judged")  # fmt: skip
+    flag = "--craft_retention_budget"
+    planned = {float(e["argv"][e["argv"].index(flag) + 1])
+               for e in planned_entries(out) if e["arm"] == arm and flag in e["argv"]}  # fmt: skip
+    if any(abs(b - eps) > 1e-5 * eps for b in planned):
+        raise SystemExit(f"{arm} was planned with --craft_retention_budget {sorted(planned)}, but its epsilon file "
+                         f"now says {eps:.6g}")  # fmt: skip
+    return eps
 
 
 def common_flags(args: argparse.Namespace, seed: int, run_id: str) -> list[str]:
@@ -178,11 +235,16 @@ def cmd_plan(args: argparse.Namespace) -> list[dict]:
         eps_file = Path(args.out) / "epsilon.json"
         if not eps_file.is_file():
             raise SystemExit(f"{eps_file} is missing: run `epsilon` on phase 1 first")
-        arms = phase2_arms(json.loads(eps_file.read_text())["epsilon"])
+        variants_file = Path(args.out) / "epsilon_variants.json"
+        variants = json.loads(variants_file.read_text())["epsilon"] if variants_file.is_file() else None
+        arms = phase2_arms(json.loads(eps_file.read_text())["epsilon"], variants)
     if args.arms:
         unknown = sorted(set(args.arms) - set(arms))
         if unknown:
-            raise SystemExit(f"unknown arms {unknown}; phase {args.phase} has {sorted(arms)}")
+            hint = ""
+            if args.phase == 2 and any(a.split("@")[0] in VARIANT_ARMS for a in unknown):
+                hint = f" ({', '.join(VARIANT_ARMS)} need epsilon_variants.json: run `variant_epsilon` first)"
+            raise SystemExit(f"unknown arms {unknown}; phase {args.phase} has {sorted(arms)}{hint}")
         arms = {a: arms[a] for a in args.arms}
     runs = []
     for arm, flags in arms.items():
@@ -379,6 +441,55 @@ def cmd_epsilon(args: argparse.Namespace) -> dict:
         "plain_runs": sorted(r["run_id"] for r in plain),
         "rule": "epsilon = fraction x median final held-out L_ret of plain (no task-A metric read)",
     }
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def cmd_variant_epsilon(args: argparse.Namespace) -> dict:
+    """Amendment 10: the variant arms' epsilons, each = fraction x the median over the given `plain` drift
+    reports (``representation_drift.py`` against the start point, final checkpoints) of that arm's own L_ret:
+    ``craft_norm`` the normalised held-out L_ret, ``raw_only`` / ``aq_only`` the held-out MSE of pool(C_R) /
+    pool(C_AQ) alone. Like epsilon.json it is written once and reads no task-A metric."""
+    out = Path(args.out)
+    path = out / "epsilon_variants.json"
+    if path.exists():
+        raise SystemExit(f"{path} exists: epsilon is fixed once (docs/STUDY.md); delete it only to amend the protocol")
+    if not args.reports:
+        raise SystemExit("variant_epsilon needs --reports: drift.json files of plain runs' final checkpoints")
+    plan = read_plan(out, 1)
+    steps = {e["run_id"]: e["max_steps"] for e in plan["runs"] if e["arm"] == "plain"}
+    values: dict[str, list[float]] = {family: [] for family in VARIANT_ARMS}
+    runs = []
+    for report_path in args.reports:
+        report = json.loads(Path(report_path).read_text())
+        found = re.fullmatch(r"(.+)--(\d+)_chkpt", Path(report["checkpoint"]).name)
+        run_id, step = (found[1], int(found[2])) if found else (Path(report["checkpoint"]).name, None)
+        if run_id not in steps:
+            raise SystemExit(f"{report_path} measures {run_id!r}, not a plain run of {plan_path(out, 1)}")
+        if step != steps[run_id]:
+            raise SystemExit(f"{report_path} measures {run_id} at step {step}, not its final step {steps[run_id]}")
+        if report.get("reference") != f"start point {plan['base']}":
+            raise SystemExit(f"{report_path} compares {run_id} with {report.get('reference')!r}, not the plan's "
+                             f"start point {plan['base']}")  # fmt: skip
+        if run_id in runs:
+            raise SystemExit(f"{run_id} is given twice")
+        for family, (_, own_retention) in VARIANT_ARMS.items():
+            if (value := own_retention(report)) is None:
+                raise SystemExit(f"{report_path} has no held-out L_ret for {family} (normalised, or the C_R/C_AQ "
+                                 "split of a full-feature report): made before the tool had them?")  # fmt: skip
+            values[family].append(value)
+        runs.append(run_id)
+    medians = {family: float(np.median(v)) for family, v in values.items()}
+    result = {
+        "plain_median": medians,
+        "epsilon": {family: {f"{f:g}": f * m for f in EPSILON_FRACTIONS} for family, m in medians.items()},
+        "plain_runs": runs,
+        "reports": [str(r) for r in args.reports],
+        "rule": "epsilon = fraction x median over plain's drift reports of the arm's own held-out L_ret "
+        "(normalised; MSE of pool(C_R); MSE of pool(C_AQ)); no task-A metric read (docs/STUDY.md amendment 10)",
+    }
+    out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result
@@ -636,17 +747,16 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
     # a verdict only on a complete set of planned runs (amendment 4b); before that, the table alone
     complete = not missing and plan_path(out, 2).is_file()
     verdicts = {}
+    epsilons = arm_epsilons(out)
     if complete and eps_file.is_file() and "frozen" in table:
-        eps = json.loads(eps_file.read_text())
         gap = table["plain"]["p1"] - table["frozen"]["p1"]
         simpler = [a for a in table if a.startswith("fixed_lambda_") or a == f"l2sp_{l2sp['weight']}"]
         for arm, row in table.items():
             if "@" not in arm:
                 continue
-            label = arm.split("@")[1]
             beaten = [a for a in simpler if table[a]["p1"] < row["p1"] and better(table[a][b_key], row[b_key])]
             checks = craft_rules(
-                epsilon=eps["epsilon"][label],
+                epsilon=rule_epsilon(out, arm, epsilons),
                 final_retention=[v["retention"] for v in by_arm[arm].values()],
                 p1_improvement=PairedDifference(**row["p1_improvement_vs_plain"]),
                 p1_gap_plain_minus_frozen=gap,
@@ -672,11 +782,11 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
     early_rules = {}
     if not complete:
         unfinished = {e["arm"] for e in planned_entries(out) if e["run_id"] in set(missing)}
-        eps = json.loads(eps_file.read_text())["epsilon"] if eps_file.is_file() else {}
         for arm in sorted(a for a in by_arm if "@" in a and a not in unfinished):
             checks = []
-            if arm.split("@")[1] in eps:
-                checks.append(budget_rule(eps[arm.split("@")[1]], [v["retention"] for v in by_arm[arm].values()]))
+            if epsilon_of(arm, epsilons) is not None:
+                eps = rule_epsilon(out, arm, epsilons)
+                checks.append(budget_rule(eps, [v["retention"] for v in by_arm[arm].values()]))
             if "frozen" in table and not {"plain", "frozen"} & unfinished:
                 gap = table["plain"]["p1"] - table["frozen"]["p1"]
                 checks.append(gap_rule(PairedDifference(**table[arm]["p1_improvement_vs_plain"]), gap))
@@ -729,6 +839,9 @@ def results_markdown(result: dict) -> str:
         lines.append(f"| {arm} | {len(row['seeds'])} | {row['p1']:.3f} | {row['needed_drop']:.3f} | "
                      f"{row['val_l1']:.4f} | {cell(row['success'], '.3f')} | {cell(row['retention'], '.4g')} | "
                      f"{ci} |")  # fmt: skip
+    if any(arm.split("@")[0] in VARIANT_ARMS for arm in result["arms"]):
+        lines += ["", f"Held-out L_ret of {', '.join(VARIANT_ARMS)} is their own L_ret (normalised, or one part's "
+                  "MSE), in other units than the other arms' (docs/STUDY.md amendment 10)."]  # fmt: skip
     if any(not np.isfinite(row[k]) for row in result["arms"].values() for k in ("success", "retention")):
         lines += ["", "n/a: missing for at least one of that arm's runs (success: a run not evaluated closed loop; "
                   "held-out L_ret: a run trained without the CRaFT machinery that measures it, as `frozen` "
@@ -856,18 +969,20 @@ def training_dynamics(out: Path, run: dict, window: int = 50) -> dict[str, list[
 
 
 def plot_dynamics(out: Path, runs: Sequence[dict], epsilons: dict[str, float], path: Path) -> None:
-    """The constraint over training: per run, the training retention loss (with the epsilons as lines), lambda and
-    how often the projection fired, each a trailing mean over 50 steps; runs without the retention loss are left
-    out."""
+    """The constraint over training: per run, the training retention loss (with the epsilons as lines; not for the
+    variant arms, whose L_ret has its own units), lambda and how often the projection fired, each a trailing mean
+    over 50 steps; runs without the retention loss are left out."""
     if (plt := pyplot()) is None:
         return
-    traced = [(d, style) for run, style in arm_styles(runs) if (d := training_dynamics(out, run)) is not None]
+    traced = [(run, d, style) for run, style in arm_styles(runs) if (d := training_dynamics(out, run)) is not None]
     if not traced:
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for d, style in traced:
+    for run, d, style in traced:
         for ax, key in zip(axes, ("retention", "lambda", "projection_rate")):
-            ax.plot(d["step"], d[key], lw=0.8, **style)
+            # a variant arm's L_ret has other units than the epsilon lines drawn there (amendment 10)
+            if key != "retention" or run["arm"].split("@")[0] not in VARIANT_ARMS:
+                ax.plot(d["step"], d[key], lw=0.8, **style)
     for name, eps in sorted(epsilons.items()):
         axes[0].axhline(eps, color="grey", ls="--", lw=0.8)
         axes[0].annotate(f"epsilon {name}", (0, eps), fontsize=7, xytext=(2, 2), textcoords="offset points")
@@ -996,6 +1111,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "run",
             "todo",
             "epsilon",
+            "variant_epsilon",
             "closed_loop",
             "drift",
             "analyze",
@@ -1047,6 +1163,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "8 an arm's grasp is planned blind from the first frame (issue 12: 23/48 at 8 vs 36/48 at 1, same checkpoint)",
     )  # fmt: skip
     p.add_argument("--probe_scenes", type=int, default=600, help="drift: held-out task-A scenes for probes and CKA")
+    p.add_argument("--reports", nargs="+", help="variant_epsilon: drift.json reports of plain runs' final checkpoints")
     p.add_argument("--eval_flags", default="", help='closed_loop: extra run_libero_eval.py flags, e.g. "--max_steps 5"')
     args = p.parse_args(argv)
     if args.command in ("plan", "start") and not args.base:
@@ -1060,7 +1177,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> object:
     args = parse_args(argv)
     commands = {"start": cmd_start, "plan": cmd_plan, "run": cmd_run, "todo": cmd_todo, "epsilon": cmd_epsilon,
-                "closed_loop": cmd_closed_loop, "drift": cmd_drift, "analyze": cmd_analyze, "pack": cmd_pack,
+                "variant_epsilon": cmd_variant_epsilon, "closed_loop": cmd_closed_loop, "drift": cmd_drift,
+                "analyze": cmd_analyze, "pack": cmd_pack,
                 "final_checkpoint": cmd_final_checkpoint,
                 "unpack": cmd_unpack}  # fmt: skip
     return commands[args.command](args)

@@ -114,7 +114,72 @@ def test_every_planned_arm_parses_into_the_intended_config(tiny_base: Path, tmp_
     assert configs["proj_only@0.25"].craft_lambda_max == 0
     assert configs["proj_only@0.25"].craft_enable_projection
     assert not configs["dual_only@0.5"].craft_enable_projection
-    assert configs["aq_only@0.5"].craft_feature_variant == "aq_only"
+    # amendment 10: the variant arms need their own epsilons, from plain runs' drift reports
+    assert not {a for a in configs if a.split("@")[0] in study.VARIANT_ARMS}
+    with pytest.raises(SystemExit, match="variant_epsilon"):
+        study.cmd_plan(_args(tmp_path, tiny_base, "--phase", "2", "--arms", "aq_only@0.25", "--replace"))
+    _variant_epsilons_from_drift_reports(tmp_path, tiny_base)
+    phase2 = study.cmd_plan(_args(tmp_path, tiny_base, "--phase", "2", "--seeds", "0", "--replace"))
+    configs = {r["arm"]: finetune.parse_flags(r["argv"]) for r in phase2}
+    assert configs["craft@0.5"].craft_retention_budget == 0.04  # unchanged
+    norm, aq, raw = configs["craft_norm@0.25"], configs["aq_only@0.5"], configs["raw_only@0.25"]
+    assert norm.craft_normalize_features
+    assert (norm.craft_feature_variant, norm.craft_anchor_source) == ("full", configs["craft@0.25"].craft_anchor_source)
+    assert norm.craft_retention_budget == pytest.approx(0.25 * 7.5, rel=1e-6)
+    assert (aq.craft_feature_variant, raw.craft_feature_variant) == ("aq_only", "raw_only")
+    assert not aq.craft_normalize_features
+    assert aq.craft_retention_budget == pytest.approx(0.5 * 1.75, rel=1e-6)
+    assert raw.craft_retention_budget == pytest.approx(0.25 * 55.0, rel=1e-6)
+    # analyze holds each arm to its epsilon in its own units, the one its runs were planned with
+    epsilons = study.arm_epsilons(tmp_path)
+    assert study.rule_epsilon(tmp_path, "craft@0.25", epsilons) == study.epsilon_of("proj_only@0.25", epsilons) == 0.02
+    assert study.rule_epsilon(tmp_path, "craft_norm@0.5", epsilons) == pytest.approx(3.75)
+    assert study.rule_epsilon(tmp_path, "aq_only@0.25", epsilons) == pytest.approx(0.4375)
+    epsilons["aq_only"]["0.25"] *= 1.01  # an epsilon file changed after the plan
+    with pytest.raises(SystemExit, match="planned with"):
+        study.rule_epsilon(tmp_path, "aq_only@0.25", epsilons)
+    with pytest.raises(SystemExit, match="no epsilon for craft_norm@0.25"):
+        study.rule_epsilon(tmp_path, "craft_norm@0.25", {**epsilons, "craft_norm": {}})
+
+
+def _drift_report(path: Path, checkpoint: str, reference: str, normalized, mse_r: float, mse_aq: float) -> Path:
+    report = {"checkpoint": f"/x/{checkpoint}", "reference": f"start point {reference}",
+              "heldout_retention_loss_normalized": normalized,
+              "heldout_retention_loss_parts": {"C_R": {"mse": mse_r}, "C_AQ": {"mse": mse_aq}}}  # fmt: skip
+    path.write_text(json.dumps(report))
+    return path
+
+
+def _variant_epsilons_from_drift_reports(out: Path, base: Path) -> None:
+    """``variant_epsilon``: fraction x the median over plain's reports of each variant's own L_ret (numpy check);
+    written once; refuses reports of runs that are not the plan's plain runs at their final step against the
+    plan's start point, reports without the normalised value or the split, and a run given twice."""
+    values = {"plain--s0": (9.0, 60.0, 2.5), "plain--s1": (6.0, 50.0, 1.0)}  # the plan: plain seeds 0 and 1
+    reports = [_drift_report(out / f"{r}.json", f"{r}--3000_chkpt", str(base), *v) for r, v in values.items()]
+    cmd = lambda *paths: study.cmd_variant_epsilon(  # noqa: E731
+        study.parse_args(["variant_epsilon", "--out", str(out), "--reports", *map(str, paths)])
+    )
+    bad = [
+        (("craft-at-0.25--s0--3000_chkpt", str(base), 1, 1, 1), "not a plain run"),
+        (("plain--s2--3000_chkpt", str(base), 1, 1, 1), "not a plain run"),  # not in the plan
+        (("plain--s1--750_chkpt", str(base), 1, 1, 1), "not its final step 3000"),
+        (("plain--s1--3000_chkpt", "/elsewhere", 1, 1, 1), "not the plan's start point"),
+        (("plain--s1--3000_chkpt", str(base), None, 1, 1), "no held-out L_ret for craft_norm"),
+    ]
+    for fields, message in bad:
+        with pytest.raises(SystemExit, match=message):
+            cmd(reports[0], _drift_report(out / "bad.json", *fields))
+    with pytest.raises(SystemExit, match="twice"):
+        cmd(reports[0], reports[0])
+    assert not (out / "epsilon_variants.json").exists()  # nothing written by a refused call
+    result = cmd(*reports)
+    columns = np.array(list(values.values()))
+    for i, family in enumerate(("craft_norm", "raw_only", "aq_only")):
+        for fraction in (0.25, 0.5):
+            assert result["epsilon"][family][f"{fraction:g}"] == pytest.approx(fraction * np.median(columns[:, i]))
+    assert result["plain_runs"] == list(values)
+    with pytest.raises(SystemExit, match="exists"):
+        cmd(*reports)
 
 
 def _write_run(out: Path, run_id: str, steps: int, final: dict) -> None:
@@ -214,6 +279,22 @@ def test_epsilon_and_analysis_from_metrics_files(tiny_base: Path, tmp_path: Path
         assert f"{np.mean(np.subtract(drop['craft@0.25'], drop['craft@0.5'])):.4g}" in rule5[0]["detail"]
         assert result["verdicts"][arm]["works"] is False
     assert "3 seeds; a paired CI over so few seeds" in (tmp_path / "results.md").read_text()
+
+    # amendment 10: a variant arm is held to its own epsilon (0.002 here, hand-written), not to craft's; its final
+    # L_ret of 0.003 is under craft's epsilon but over 1.2 x its own, so rule 1 fails for it alone
+    (tmp_path / "epsilon_variants.json").write_text(json.dumps({"epsilon": {"aq_only": {"0.25": 0.002}}}))
+    variant = study.cmd_plan(_args(tmp_path, tiny_base, "--phase", "2", "--seeds", "0", "1", "2", "--steps", "8",
+                                   "--arms", "craft@0.25", "craft@0.5", "aq_only@0.25", "--replace"))  # fmt: skip
+    for r in (r for r in variant if r["arm"] == "aq_only@0.25"):
+        _write_run(tmp_path, r["run_id"], 8, {"val/loss": 0.1, "val/retention_loss": 0.003, "val/task_a_needed": 0.8,
+                                              "val/task_a_not_needed": 0.8})  # fmt: skip
+    assert 0.25 * plain_ret > 0.003  # under craft@0.25's epsilon
+    result = study.cmd_analyze(study.parse_args(["analyze", "--out", str(tmp_path)]))
+    rule1 = {arm: next(c for c in v["checks"] if c["rule"].startswith("1")) for arm, v in result["verdicts"].items()}
+    assert rule1["craft@0.25"]["holds"] is True
+    assert rule1["aq_only@0.25"]["holds"] is False
+    assert f"{1.2 * 0.002:.4g}" in rule1["aq_only@0.25"]["detail"]
+    assert "other units than the other arms'" in (tmp_path / "results.md").read_text()
 
 
 def test_validation_curves_read_the_validation_rows_only(tmp_path: Path):
