@@ -265,3 +265,35 @@ def test_trace_timeline_finds_idle_time_and_gaps() -> None:
     ]
     assert t["top_kernels_by_time"][0] == {"name": "gemm", "ms_per_step": 0.35, "count_per_step": 1.0}
     assert t["top_kernels_by_count"][0] == {"name": "add", "ms_per_step": 0.125, "count_per_step": 1.5}
+
+
+def test_two_tree_table_reads_each_round_and_takes_the_median_ratio(tmp_path: Path) -> None:
+    """experiments/compare_bench_trees.py (issue 15's two-tree check): per variant and round, after / before of the
+    two trees' median step times, and the median of those ratios; a failed configuration (an error, no timings) and
+    a round with one tree only are left out. Reference: numpy on the same hand-written step times."""
+    import numpy as np
+
+    from experiments import compare_bench_trees as compare
+
+    steps = {  # (tree, round): variant -> step times (ms)
+        ("before", 1): {"plain": [160.0, 163.0, 161.0], "craft_cache": [250.0, 252.0, 251.0]},
+        ("after", 1): {"plain": [162.0, 164.0, 163.5], "craft_cache": [248.0, 249.0, 260.0]},
+        ("before", 2): {"plain": [159.0, 160.0, 170.0], "craft_cache": [251.0, 250.5, 250.0]},
+        ("after", 2): {"plain": [161.0, 161.5, 162.0], "craft_cache": None},  # failed: no timings
+        ("after", 3): {"plain": [150.0, 150.0, 150.0]},  # its before run did not start
+    }
+    for (tree, r), rows in steps.items():
+        results = [{"variant": v, "error": "OOM"} if ms is None else
+                   {"variant": v, "step_ms": {"median": float(np.median(ms))}} for v, ms in rows.items()]  # fmt: skip
+        (tmp_path / f"{tree}-r{r}").mkdir()
+        (tmp_path / f"{tree}-r{r}" / "bench_train_step_full_w1.json").write_text(json.dumps({"results": results}))
+    got = compare.summarize(tmp_path)["variants"]
+    plain = [np.median(steps[("after", r)]["plain"]) / np.median(steps[("before", r)]["plain"]) for r in (1, 2)]
+    assert sorted(got["plain"]["rounds"]) == [1, 2]
+    for r, want in zip((1, 2), plain):
+        assert got["plain"]["rounds"][r]["ratio"] == pytest.approx(want, rel=1e-12)
+    assert got["plain"]["ratio"] == pytest.approx(np.median(plain), rel=1e-12)
+    cache = np.median(steps[("after", 1)]["craft_cache"]) / np.median(steps[("before", 1)]["craft_cache"])
+    assert list(got["craft_cache"]["rounds"]) == [1]
+    assert got["craft_cache"]["ratio"] == pytest.approx(cache, rel=1e-12)
+    assert f"**{np.median(plain):.4f}**" in compare.markdown(compare.summarize(tmp_path))
