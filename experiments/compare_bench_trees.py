@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 TREES = ("before", "after")
+VARIANT_ORDER = ("plain", "craft_cache", "craft_online")  # run I's rows; any other after them
 
 
 def read_rows(out: Path) -> dict[tuple[str, int, str], dict]:
@@ -35,7 +36,7 @@ def read_rows(out: Path) -> dict[tuple[str, int, str], dict]:
 def summarize(out: Path) -> dict:
     rows = read_rows(out)
     rounds = sorted({r for _, r, _ in rows})
-    variants = sorted({v for _, _, v in rows}, key=("plain", "craft_cache", "craft_online").index)
+    variants = sorted({v for _, _, v in rows}, key=lambda v: (VARIANT_ORDER.index(v) if v in VARIANT_ORDER else 99, v))
     table = {}
     for variant in variants:
         per_round = {}

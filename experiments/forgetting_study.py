@@ -118,22 +118,22 @@ def phase2_arms(
     return arms
 
 
-def arm_epsilons(out: Path) -> dict[str, dict[str, float]]:
-    """epsilon by label for each arm family: ``craft`` (and the gate, dual-only and projection-only arms) from
-    epsilon.json, the variant families from epsilon_variants.json; {} for what has not been fixed yet."""
-    eps_file, variants_file = out / "epsilon.json", out / "epsilon_variants.json"
-    common = json.loads(eps_file.read_text())["epsilon"] if eps_file.is_file() else {}
-    variants = json.loads(variants_file.read_text())["epsilon"] if variants_file.is_file() else {}
-    families = {arm.split("@")[0] for arm in phase2_arms({"any": 1.0}, {f: {"any": 1.0} for f in VARIANT_ARMS})}
-    return {family: variants.get(family, {}) if family in VARIANT_ARMS else common for family in families}
+def read_epsilons(out: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """(epsilon.json's epsilons by label, epsilon_variants.json's by variant family and label); {} for a file that
+    has not been written yet."""
+    files = (out / "epsilon.json", out / "epsilon_variants.json")
+    common, variants = (json.loads(f.read_text())["epsilon"] if f.is_file() else {} for f in files)
+    return common, variants
 
 
-def epsilon_of(arm: str, epsilons: dict[str, dict[str, float]]) -> float | None:
+def epsilon_of(arm: str, epsilons: tuple[dict[str, float], dict[str, dict[str, float]]]) -> float | None:
+    """``arm``'s epsilon in its own L_ret's units: a variant family's own, else the common one (``read_epsilons``)."""
+    common, variants = epsilons
     family, label = arm.split("@")
-    return epsilons.get(family, {}).get(label)
+    return (variants.get(family, {}) if family in VARIANT_ARMS else common).get(label)
 
 
-def rule_epsilon(out: Path, arm: str, epsilons: dict[str, dict[str, float]]) -> float:
+def rule_epsilon(out: Path, arm: str, epsilons: tuple[dict[str, float], dict[str, dict[str, float]]]) -> float:
     """The epsilon rule 1 holds ``arm`` to, checked against the --craft_retention_budget its runs were planned with
     (written with 6 significant digits), so that a changed or missing epsilon file cannot go unnoticed."""
     eps = epsilon_of(arm, epsilons)
@@ -235,9 +235,7 @@ def cmd_plan(args: argparse.Namespace) -> list[dict]:
         eps_file = Path(args.out) / "epsilon.json"
         if not eps_file.is_file():
             raise SystemExit(f"{eps_file} is missing: run `epsilon` on phase 1 first")
-        variants_file = Path(args.out) / "epsilon_variants.json"
-        variants = json.loads(variants_file.read_text())["epsilon"] if variants_file.is_file() else None
-        arms = phase2_arms(json.loads(eps_file.read_text())["epsilon"], variants)
+        arms = phase2_arms(*read_epsilons(Path(args.out)))
     if args.arms:
         unknown = sorted(set(args.arms) - set(arms))
         if unknown:
@@ -747,7 +745,7 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
     # a verdict only on a complete set of planned runs (amendment 4b); before that, the table alone
     complete = not missing and plan_path(out, 2).is_file()
     verdicts = {}
-    epsilons = arm_epsilons(out)
+    epsilons = read_epsilons(out)
     if complete and eps_file.is_file() and "frozen" in table:
         gap = table["plain"]["p1"] - table["frozen"]["p1"]
         simpler = [a for a in table if a.startswith("fixed_lambda_") or a == f"l2sp_{l2sp['weight']}"]
@@ -802,8 +800,7 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
     (out / "results.md").write_text(results_markdown(result))
     plot_results(table, out / "results.png")
     plot_curves(out, runs, start, out / "curves.png")
-    epsilons = json.loads(eps_file.read_text())["epsilon"] if eps_file.is_file() else {}
-    plot_dynamics(out, runs, epsilons, out / "dynamics.png")
+    plot_dynamics(out, runs, epsilons[0], out / "dynamics.png")
     print((out / "results.md").read_text())
     return result
 

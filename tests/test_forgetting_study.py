@@ -131,15 +131,15 @@ def test_every_planned_arm_parses_into_the_intended_config(tiny_base: Path, tmp_
     assert aq.craft_retention_budget == pytest.approx(0.5 * 1.75, rel=1e-6)
     assert raw.craft_retention_budget == pytest.approx(0.25 * 55.0, rel=1e-6)
     # analyze holds each arm to its epsilon in its own units, the one its runs were planned with
-    epsilons = study.arm_epsilons(tmp_path)
+    epsilons = study.read_epsilons(tmp_path)
     assert study.rule_epsilon(tmp_path, "craft@0.25", epsilons) == study.epsilon_of("proj_only@0.25", epsilons) == 0.02
     assert study.rule_epsilon(tmp_path, "craft_norm@0.5", epsilons) == pytest.approx(3.75)
     assert study.rule_epsilon(tmp_path, "aq_only@0.25", epsilons) == pytest.approx(0.4375)
-    epsilons["aq_only"]["0.25"] *= 1.01  # an epsilon file changed after the plan
+    epsilons[1]["aq_only"]["0.25"] *= 1.01  # an epsilon file changed after the plan
     with pytest.raises(SystemExit, match="planned with"):
         study.rule_epsilon(tmp_path, "aq_only@0.25", epsilons)
     with pytest.raises(SystemExit, match="no epsilon for craft_norm@0.25"):
-        study.rule_epsilon(tmp_path, "craft_norm@0.25", {**epsilons, "craft_norm": {}})
+        study.rule_epsilon(tmp_path, "craft_norm@0.25", (epsilons[0], {**epsilons[1], "craft_norm": {}}))
 
 
 def _drift_report(path: Path, checkpoint: str, reference: str, normalized, mse_r: float, mse_aq: float) -> Path:
